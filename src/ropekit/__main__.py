@@ -1,0 +1,5 @@
+import sys
+
+from ropekit.cli import main
+
+sys.exit(main())
