@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Feature modules, in the order their subcommands are listed in --help.
-FEATURE_MODULES = ["compare", "eval", "generate", "demo", "freqs"]
+FEATURE_MODULES = ["compare", "eval", "generate", "demo"]
 
 
 class UsageError(ValueError):

@@ -262,8 +262,8 @@ class Llama3Params(MethodParams):
             raise ValueError(f"rope key 'high_freq_factor'={high} must be > 'low_freq_factor'={low}")
         original = original_length(raw, context)
         max_len = context.get("max_position_embeddings")
-        if max_len is not None and original >= max_len:
-            warnings.warn(f"llama3: original_max_position_embeddings={original} should be less than "
+        if max_len is not None and original > max_len:  # equal is how with_method() describes a model
+            warnings.warn(f"llama3: original_max_position_embeddings={original} should not exceed "
                           f"max_position_embeddings={max_len}", stacklevel=3)
         return cls(factor=parse_factor(raw), low_freq_factor=low, high_freq_factor=high,
                    original_max_position_embeddings=original)
