@@ -1,0 +1,76 @@
+"""Loading: GGUF and HF folders into a ``LlamaModel`` plus ``Tokenizer``; the ``smollm2`` default."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ropekit.loading.default_model import ModelFetchError, is_model_name, resolve_model_name
+from ropekit.loading.gguf_file import read_gguf
+from ropekit.loading.hf_folder import read_hf_folder
+from ropekit.loading.tokenizer import Tokenizer
+from ropekit.model.llama import LlamaConfig, LlamaModel
+from ropekit.rope import RopeConfig
+
+__all__ = ["ModelFetchError", "Tokenizer", "load_model", "resolve_source"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A GGUF file or HF folder path for ``source`` (a path, or a default model name like ``smollm2``)."""
+    path = Path(source)
+    if path.exists():
+        return path
+    if isinstance(source, str) and is_model_name(source):
+        return resolve_model_name(source)
+    if isinstance(source, str) and os.sep not in source and not source.endswith(".gguf"):
+        raise ValueError(f"unknown model name {source!r}: not a file or folder, and not one of ropekit's "
+                         "default models (smollm2)")
+    raise FileNotFoundError(f"model file or folder not found: {source}")
+
+
+def load_model(source: str | os.PathLike = "smollm2", *, rope: RopeConfig | Mapping | str | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[LlamaModel, Tokenizer]:
+    """Load a LLaMA model and its tokenizer.
+
+    source: a ``.gguf`` path, an HF folder (config.json, *.safetensors, tokenizer.json), or
+    ``"smollm2"``. rope: overrides the file's rope settings (a ``RopeConfig``, an HF
+    ``rope_parameters`` dict, or a spec string like ``"yarn:factor=2"``; dicts and strings keep
+    the model's base, head_dim and trained length). dtype: float32 (default) or bfloat16.
+    Returns ``(model, tokenizer)``, the model in eval mode.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
+    path = resolve_source(source)
+    if path.is_dir():
+        config, state, hf = read_hf_folder(path)
+        tokenizer = Tokenizer.from_folder(path, hf)
+    else:
+        config, state, meta = read_gguf(path, has_rope_override=rope is not None)
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+    if rope is not None:
+        config = config.with_rope(config.rope.with_method(rope))
+    return build_model(config, state, dtype), tokenizer
+
+
+def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> LlamaModel:
+    """A ``LlamaModel`` holding ``state`` (our parameter names), in ``dtype``, eval mode."""
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    missing = set(model.state_dict()) - set(state)
+    if config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    unexpected = set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope = type(model.rope)(config.rope)  # rebuilt off the meta device
+    return model.eval()

@@ -1,0 +1,196 @@
+"""Token generation with a KV cache: greedy, temperature, top-k, top-p; batches; streaming.
+
+Positions follow LLaMA's cache decoding: the prompt is run once at positions 0..n-1 (with left
+padding, each row's first real token is at position 0) and each new token is run alone at the
+next position of its row, attending to the cached keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from ropekit.model.kv_cache import KVCache
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token of each row. logits ``[B, V]`` float -> ``[B]`` long.
+
+    temperature 0 is greedy (argmax). Otherwise logits / temperature, then top-k, then top-p
+    (the smallest set of tokens whose probability reaches ``top_p``), then a draw.
+    """
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        logits = _top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B, 1] -> [B]
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask tokens outside the nucleus: those whose higher-ranked tokens already hold ``top_p``."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # [B, V]: probability of strictly better tokens
+    drop_sorted = mass_before > top_p
+    drop_sorted[:, 0] = False  # always keep the best token
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids ``[B, T]``, attention_mask ``[B, T]`` bool), padded on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = True
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop_ids: Iterable[int] = (), pad_id: int = 0,
+                 max_length: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield one ``[B]`` long tensor of new tokens per step (``-1`` for rows that already stopped).
+
+    prompts: token id lists (left-padded into one batch). A row stops after emitting a token in
+    ``stop_ids`` (that token is yielded); generation ends when all rows stopped or after
+    ``max_new_tokens``. max_length: KV cache capacity (default: longest prompt + max_new_tokens);
+    a prompt that does not fit raises ValueError, and generation stops when the cache is full.
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    input_ids, mask = left_pad(prompts, pad_id)
+    device = model.embed_tokens.weight.device
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    capacity = max_length or input_ids.shape[1] + max_new_tokens
+    if input_ids.shape[1] > capacity:
+        raise ValueError(f"prompt of {input_ids.shape[1]} tokens is longer than the KV cache "
+                         f"({capacity} tokens)")
+    if max_new_tokens == 0:
+        return
+    cache = KVCache.for_model(model, input_ids.shape[0], capacity)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    logits = model(input_ids, cache=cache, attention_mask=mask, logits_to_keep=1)[:, -1]  # [B, V]
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        yield token.masked_fill(done, -1)
+        done = done | torch.isin(token, stop)
+        if bool(done.all()) or step + 1 == max_new_tokens or cache.length == cache.max_len:
+            return
+        token = token.masked_fill(done, pad_id)
+        logits = model(token[:, None], cache=cache)[:, -1]  # [B, 1] -> [B, V]
+
+
+def prepare_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids for a prompt (through the chat template when ``chat``); ValueError if empty."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("empty prompt: give at least one character of text")
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    if not ids:
+        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+    return ids
+
+
+class TextStream:
+    """Turns token ids, one at a time, into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # a multi-byte character split across tokens: wait for the rest
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+
+def stream_generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                    seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
+                    chat: bool = False, max_length: int | None = None) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` as text pieces while it is generated (stop token excluded)."""
+    ids = prepare_prompt(tokenizer, prompt, chat)
+    stop_ids = tokenizer.stop_token_ids
+    stream = TextStream(tokenizer)
+    tokens = generate_ids(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id or 0,
+                          max_length=max_length)
+    for token in tokens:
+        token_id = int(token[0])
+        if token_id in stop_ids:
+            return
+        piece = stream.push(token_id)
+        if piece:
+            yield piece
+
+
+def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: int = 64,
+             temperature: float = 0.0, seed: int | None = None, top_k: int | None = None,
+             top_p: float | None = None,
+             stream: Callable[[str], None] | None = None, chat: bool = False,
+             max_length: int | None = None) -> str | list[str]:
+    """The continuation of ``prompt`` (text only; the prompt and the stop token are not included).
+
+    temperature 0 is greedy; ``seed`` makes sampling repeatable. ``stream`` is called with each
+    text piece as it is produced (single prompt only). ``chat`` wraps the prompt in the model's
+    chat template as a user turn. A list of prompts runs as one left-padded batch and returns a
+    list of strings.
+    """
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, top_k=top_k,
+                   top_p=top_p, chat=chat, max_length=max_length)
+    if isinstance(prompt, str):
+        pieces = []
+        for piece in stream_generate(model, tokenizer, prompt, **options):
+            pieces.append(piece)
+            if stream is not None:
+                stream(piece)
+        return "".join(pieces)
+    if stream is not None:
+        raise ValueError("stream= works with a single prompt, not a batch")
+    return generate_batch(model, tokenizer, list(prompt), **options)
+
+
+def generate_batch(model, tokenizer, prompts: list[str], *, chat: bool = False, **options) -> list[str]:
+    """Continuations of several prompts, run as one left-padded batch."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    ids = [prepare_prompt(tokenizer, p, chat) for p in prompts]
+    stop_ids = tokenizer.stop_token_ids
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for tokens in generate_ids(model, ids, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id or 0, **options):
+        for row, token_id in enumerate(tokens.tolist()):
+            if token_id >= 0 and token_id not in stop_ids:
+                outputs[row].append(token_id)
+    return [tokenizer.decode(out) for out in outputs]

@@ -1,0 +1,88 @@
+"""A preallocated, position-tracked key/value cache.
+
+Decoding with a cache, as in LLaMA: a prompt of n tokens is rotated at positions 0..n-1 and its
+keys stored; each new token is rotated at n, n+1, ... and appended. Stored keys keep the rotation
+they got when they were written. The cache also records, per row and slot, the position each key
+was rotated at (``-1`` for a padding slot), so attention can mask padding and methods that
+re-rotate keys (dynamic scaling, Self-Extend, ReRoPE) know where every key sits.
+
+Slots fill left to right and are shared by all rows of the batch (left padding keeps rows
+aligned), so one integer ``length`` says how many slots are in use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values for every layer, preallocated to ``max_len`` slots.
+
+    Buffers: ``keys``/``values`` ``[L, B, Hkv, S_max, D]``; ``key_positions`` ``[B, S_max]`` (long,
+    ``-1`` = empty or padding). ``length`` slots are filled after each complete forward pass.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        if max_len < 1:
+            raise ValueError(f"KVCache max_len must be >= 1, got {max_len}")
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_positions = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self._fill = [0] * num_layers  # slots written per layer; all equal between forward passes
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
+        """A cache shaped for ``model`` (a ``LlamaModel``), in the model's dtype and device."""
+        cfg = model.config
+        param = model.embed_tokens.weight
+        return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, max_len,
+                   dtype=param.dtype, device=param.device)
+
+    @property
+    def length(self) -> int:
+        """Slots filled by completed forward passes (the last layer writes last)."""
+        return self._fill[-1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_positions.shape[0]
+
+    def check_room(self, num_new: int) -> None:
+        """Raise ``ValueError`` if ``num_new`` more tokens do not fit (before anything is written)."""
+        if self.length + num_new > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.length} tokens cached + {num_new} new > "
+                             f"capacity {self.max_len}; allocate a longer cache")
+
+    def next_positions(self) -> torch.Tensor:
+        """``[B]`` long: the position the next real token of each row gets (0 for an empty row)."""
+        if self.length == 0:
+            return torch.zeros(self.batch_size, dtype=torch.long, device=self.key_positions.device)
+        return self.key_positions[:, : self.length].max(dim=1).values.clamp(min=-1) + 1
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values for one layer and return all of that layer's so far.
+
+        k, v: ``[B, Hkv, T, D]`` (k already rotated, or not: the cache does not care);
+        positions: ``[B, T]`` long, ``-1`` for padding. Returns ``(keys, values)``, each
+        ``[B, Hkv, S, D]`` with ``S = length + T``: views into the buffers, valid until the next update.
+        """
+        start = self._fill[layer_idx]
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow in layer {layer_idx}: {start} + {k.shape[2]} > "
+                             f"{self.max_len}")
+        self.keys[layer_idx, :, :, start:end] = k
+        self.values[layer_idx, :, :, start:end] = v
+        if layer_idx == 0:
+            self.key_positions[:, start:end] = positions
+        self._fill[layer_idx] = end
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+    def reset(self) -> None:
+        """Forget everything (buffers stay allocated)."""
+        self._fill = [0] * len(self._fill)
+        self.key_positions.fill_(-1)

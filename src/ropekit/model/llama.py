@@ -1,0 +1,270 @@
+"""A minimal LLaMA in plain PyTorch: RMSNorm, grouped-query attention, SwiGLU MLP, RoPE from the core.
+
+Parameter names follow Hugging Face's ``LlamaForCausalLM`` without the ``model.`` prefix
+(``embed_tokens``, ``layers.{i}.self_attn.q_proj``, ..., ``norm``, ``lm_head``), so an HF state
+dict loads after stripping that prefix. The weights use the "half" rope layout (HF's); the
+GGUF loader un-permutes llama.cpp's interleaved q/k rows before they get here.
+
+The forward pass computes cos/sin once from the position tensor (through the attention
+method's ``prepare``) and passes them to every layer in an ``AttentionContext``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ropekit.model.attention import AttentionContext, AttentionMethod, build_mask
+from ropekit.model.kv_cache import KVCache
+from ropekit.rope import RopeConfig, RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a LLaMA-family decoder; ``rope`` holds everything about positions."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope: RopeConfig
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.rope.head_dim != self.head_dim:
+            raise ValueError(f"rope head_dim {self.rope.head_dim} != model head_dim {self.head_dim}")
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> LlamaConfig:
+        """From an HF ``config.json`` dict (rope settings in ``rope_parameters`` or legacy keys)."""
+        heads = int(hf["num_attention_heads"])
+        head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
+        return cls(
+            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]), num_hidden_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=heads, num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=head_dim, rope=RopeConfig.from_hf({**hf, "head_dim": head_dim}),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", False)),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """An HF ``LlamaConfig``-compatible dict (transformers 5: rope in ``rope_parameters``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rope"}
+        rope = self.rope.to_hf()
+        out["rope_parameters"] = rope["rope_parameters"]
+        out["model_type"] = "llama"
+        return out
+
+    def with_rope(self, rope: RopeConfig) -> LlamaConfig:
+        return dataclasses.replace(self, rope=rope)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in float32 (as HF's LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[..., C]`` -> ``[..., C]`` in x's dtype."""
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Projections of one attention layer; the attention itself is the context's ``AttentionMethod``."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        """x ``[B, T, C]`` -> ``[B, T, C]``."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        out = context.method.attend(self.layer_idx, q, k, v, context)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # [B, T, H*D]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), context)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Token ids in, next-token logits out.
+
+    ``model(input_ids)`` with ``input_ids`` long ``[B, T]`` returns float32 logits ``[B, T, V]``.
+    ``model.config`` is the ``LlamaConfig``; ``model.rope`` the ``RotaryEmbedding``;
+    ``model.attention_method`` the ``AttentionMethod`` every layer calls.
+    """
+
+    def __init__(self, config: LlamaConfig, attention_method: AttentionMethod | None = None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(config.rope)
+        self.attention_method = attention_method or AttentionMethod()
+
+    def set_rope(self, rope: RopeConfig | Mapping | str) -> None:
+        """Switch the rope method at run time (a RopeConfig, HF rope_parameters dict, or spec string).
+
+        Dicts and strings keep the model's geometry (head_dim, base, trained length). Any cache
+        filled before the switch holds keys rotated the old way.
+        """
+        rope_config = self.config.rope.with_method(rope)
+        device = self.embed_tokens.weight.device
+        self.rope = RotaryEmbedding(rope_config, device=device)
+        self.config = self.config.with_rope(rope_config)
+
+    def set_attention(self, method: AttentionMethod) -> None:
+        """Install another attention implementation (Self-Extend, ReRoPE, ...)."""
+        self.attention_method = method
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A preallocated ``KVCache`` for this model."""
+        return KVCache.for_model(self, batch_size, max_len)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                *, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits for ``input_ids``.
+
+        input_ids: long ``[B, T]``. positions: long ``[T]`` or ``[B, T]``; default: each row
+        continues from its last cached position (``arange(past, past + T)`` without padding), and
+        with ``attention_mask`` counts only real tokens (left padding: first real token at 0).
+        cache: a ``KVCache`` that receives this step's keys/values. attention_mask: ``[B, T]``
+        (or ``[B, past + T]``, HF style) with 1 for real tokens, 0 for padding.
+        logits_to_keep: if > 0, only the last that many positions get logits.
+        Returns float32 logits ``[B, T, V]`` (``[B, logits_to_keep, V]``).
+        """
+        context = self.attention_context(input_ids, positions, cache, attention_mask)
+        x = self.embed_tokens(input_ids)  # [B, T, C]
+        for layer in self.layers:
+            x = layer(x, context)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(self.norm(x)).float()  # [B, T, V]
+
+    def attention_context(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
+                          cache: KVCache | None, attention_mask: torch.Tensor | None) -> AttentionContext:
+        """Validate the inputs and build the per-forward ``AttentionContext`` (cos/sin computed here once)."""
+        B, T = check_input_ids(input_ids, self.config.vocab_size)
+        past = 0
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache batch size {cache.batch_size} != input batch size {B}")
+            cache.check_room(T)
+            past = cache.length
+        valid = _valid_mask(attention_mask, B, T, past)
+        if positions is None:
+            positions = default_positions(valid, cache, B, T, input_ids.device)
+        elif positions.shape not in ((T,), (B, T)):
+            raise ValueError(f"positions must have shape ({T},) or ({B}, {T}), got {tuple(positions.shape)}")
+        key_positions = positions.expand(B, T)
+        if valid is not None:
+            key_positions = key_positions.masked_fill(~valid, -1)
+        mask, is_causal = build_mask(valid, cache, past, T)
+        context = AttentionContext(positions=positions, key_positions=key_positions, rope=self.rope,
+                                   method=self.attention_method, cache=cache, past=past, mask=mask,
+                                   is_causal=is_causal)
+        self.attention_method.prepare(context)
+        return context
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:
+    """Raise ValueError for anything but a non-empty long ``[B, T]`` of ids below ``vocab_size``."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2:
+        kind = getattr(input_ids, "dtype", type(input_ids).__name__)
+        raise ValueError(f"input_ids must be a LongTensor [B, T], got {kind} "
+                         f"of shape {tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); need at least one token")
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{int(input_ids.min())}, "
+                         f"{int(input_ids.max())}]")
+    return input_ids.shape
+
+
+def _valid_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int) -> torch.Tensor | None:
+    """``[B, T]`` bool (True = real token) for the new tokens, or None when there is no mask."""
+    if attention_mask is None:
+        return None
+    shape = tuple(attention_mask.shape)
+    if len(shape) != 2 or shape[0] != B or shape[1] not in (T, past + T):
+        raise ValueError(f"attention_mask must have shape ({B}, {T}) or ({B}, {past + T}), "
+                         f"got {tuple(attention_mask.shape)}")
+    return attention_mask[:, -T:].bool()
+
+
+def default_positions(valid: torch.Tensor | None, cache: KVCache | None, B: int, T: int,
+                      device: torch.device) -> torch.Tensor:
+    """Positions continuing each row from the cache: ``[T]`` when rows agree, else ``[B, T]``.
+
+    With a mask, only real tokens advance the count; padding gets a harmless position (masked).
+    """
+    start = cache.next_positions() if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+    if valid is None:
+        if bool((start == start[0]).all()):
+            return torch.arange(T, device=device) + start[0]  # [T]
+        return start[:, None] + torch.arange(T, device=device)  # [B, T]
+    offsets = valid.long().cumsum(dim=1) - 1  # [B, T]: index among real tokens
+    return (start[:, None] + offsets).clamp(min=0)
