@@ -1,0 +1,84 @@
+"""Build the C++ CPU rotary kernel once, just in time, into a cache directory.
+
+``python -m ropekit.kernels.build`` builds it ahead of time (CI runs this before the tests).
+The cache lives in ``$ROPEKIT_CACHE`` (default ``~/.cache/ropekit/ext``), one folder per
+(source, torch version, compiler flags, CPU features): the code is compiled with
+``-march=native``, so a cache shared between different CPUs gets one build per CPU kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "rope_cpu.cpp"
+CACHE_ENV = "ROPEKIT_CACHE"
+# -ffp-contract=off keeps a*c - b*s as two rounded products (no FMA), as torch's eager
+# reference computes it: float32 results then agree bit for bit. -fopenmp makes
+# at::parallel_for use torch's OpenMP thread pool (the same libgomp, by soname).
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def _cpu_signature() -> str:
+    """Model name and feature flags of this CPU: a -march=native binary is only valid on its kind."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(wanted)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    """Where this build lives: keyed by source, torch, flags and CPU."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ropekit" / "ext")
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, sys.version, " ".join(CFLAGS),
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    return root / f"rope_cpu_{key}"
+
+
+def build_cpu_extension(verbose: bool = False) -> ModuleType:
+    """Compile (first call) or load (later calls) the C++ kernel; raises if the compiler fails."""
+    global _module
+    if _module is None:
+        from torch.utils.cpp_extension import load
+
+        build_dir = cache_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _module = load(name="ropekit_rope_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                       extra_ldflags=LDFLAGS, build_directory=str(build_dir), verbose=verbose)
+    return _module
+
+
+def cpu_extension() -> ModuleType | None:
+    """The kernel module, or None (with one warning) when it cannot be built here."""
+    global _error
+    if _module is None and _error is None:
+        try:
+            build_cpu_extension()
+        except Exception as exc:  # a compiler, ninja or header problem: fall back to torch
+            _error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"ropekit: the C++ rotary kernel could not be built, using the torch backend "
+                          f"({_error[:500]})", RuntimeWarning, stacklevel=2)
+    return _module
+
+
+def main() -> None:
+    """Build ahead of time and say where."""
+    build_cpu_extension(verbose="-v" in sys.argv)
+    print(f"ropekit C++ rotary kernel ready in {cache_dir()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The C++ CPU backend ("cpp"): argument plumbing around ``csrc/rope_cpu.cpp``.
+
+The kernel reads x once and writes once. It needs a contiguous last dim (other strides are
+free: q/k views of a fused qkv projection or transposed views go straight in); anything
+else is copied to a contiguous tensor first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ropekit.kernels.build import cpu_extension
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports(x: torch.Tensor) -> bool:
+    """CPU float32/bfloat16/float16 tensors, when the extension builds here."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and cpu_extension() is not None
+
+
+def _table(table: torch.Tensor) -> torch.Tensor:
+    """(N, R/2) or (B, N, R/2) -> contiguous float32 (Bc, N, R/2); no copy when it already is."""
+    table = table.to(torch.float32)
+    return (table.unsqueeze(0) if table.dim() == 2 else table).contiguous()
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> bool:
+    return t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
+def rotate_cpp(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, layout: str = "half",
+               heads_first: bool = True, out: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Backend function (contract of ``ropekit.apply_rotary``). With ``positions`` ((T,) or (B, T)
+    int64), cos/sin are whole tables (N, R/2) or (B, N, R/2) and row ``positions[b, t]`` turns token t.
+    """
+    ext = cpu_extension()
+    if ext is None:
+        raise RuntimeError("the ropekit C++ CPU kernel is not available (see the build warning)")
+    src = x if _last_dim_contiguous(x) else x.contiguous()
+    dst = out if out is not None else torch.empty_like(src)
+    target = dst if _last_dim_contiguous(dst) else torch.empty_like(src)
+    if positions is not None:
+        positions = positions.unsqueeze(0) if positions.dim() == 1 else positions  # (Bp, T)
+        positions = positions.to(torch.int64).contiguous()
+    ext.rope_apply(src, target, _table(cos), _table(sin), positions, layout == "interleaved", heads_first)
+    if target is not dst:
+        dst.copy_(target)
+    return dst

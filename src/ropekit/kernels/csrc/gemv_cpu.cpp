@@ -1,0 +1,344 @@
+// Decode-time kernels for CPU: matrix-vector products that stream the weights once, and
+// single-query attention over a static KV cache.
+//
+// Decoding one token reads every weight once and does 2 flops per weight: it is bound by
+// memory bandwidth. Each kernel splits the output rows into one contiguous block per thread
+// (at::parallel_for), so every thread streams its own part of the weights front to back,
+// four rows at a time (four independent read streams for the hardware prefetcher).
+//
+// Weights: float32 or bfloat16, 2-D row-major contiguous [N, K]. Activations are float32
+// (bfloat16 weights are widened exactly to float32 and multiplied in float32).
+// The vector paths are picked at compile time: the build uses -march=native (one cached build
+// per CPU kind), so AVX-512 code is only compiled where the CPU has it; AVX2+FMA next; a plain
+// loop otherwise. kernel_isa() says which one was compiled.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr const char* kIsa = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr const char* kIsa = "avx2";
+#else
+constexpr const char* kIsa = "generic";
+#endif
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// ---- dot products of R rows with one vector --------------------------------------------
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16_mask(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16_mask(const uint16_t* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// out[r] = dot(w + r * ldw, x) for r < R, K elements.
+template <int R, typename W>
+inline void dot_rows(const W* __restrict__ w, int64_t ldw, const float* __restrict__ x, int64_t K,
+                     float* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(load16(w + r * ldw + k), xv, acc[r]);
+  }
+  if (k < K) {
+    __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(load16_mask(w + r * ldw + k, m), xv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) { return bf16_to_float(v); }
+
+template <int R, typename W>
+inline void dot_rows(const W* __restrict__ w, int64_t ldw, const float* __restrict__ x, int64_t K,
+                     float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(load8(w + r * ldw + k), xv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = hsum8(acc[r]);
+    for (int64_t j = k; j < K; ++j) s += widen(w[r * ldw + j]) * x[j];
+    out[r] = s;
+  }
+}
+
+#else
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) { return bf16_to_float(v); }
+
+template <int R, typename W>
+inline void dot_rows(const W* __restrict__ w, int64_t ldw, const float* __restrict__ x, int64_t K,
+                     float* out) {
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; ++k) s += widen(w[r * ldw + k]) * x[k];
+    out[r] = s;
+  }
+}
+#endif
+
+// y[i - begin] (op)= dot(W[i], x) for rows [begin, end) of one matrix.
+template <typename W>
+inline void rows_block(const W* w, int64_t K, const float* x, float* y, int64_t begin, int64_t end,
+                       bool accumulate) {
+  constexpr int R = 4;
+  float tmp[R];
+  int64_t i = begin;
+  for (; i + R <= end; i += R, y += R) {
+    dot_rows<R>(w + i * K, K, x, K, tmp);
+    for (int r = 0; r < R; ++r) y[r] = accumulate ? y[r] + tmp[r] : tmp[r];
+  }
+  for (; i < end; ++i, ++y) {
+    dot_rows<1>(w + i * K, K, x, K, tmp);
+    y[0] = accumulate ? y[0] + tmp[0] : tmp[0];
+  }
+}
+
+template <typename W>
+inline void rows_block_any(const at::Tensor& w, const float* x, float* y, int64_t begin, int64_t end,
+                           bool accumulate) {
+  rows_block(reinterpret_cast<const W*>(w.const_data_ptr()), w.size(1), x, y, begin, end, accumulate);
+}
+
+inline void rows(const at::Tensor& w, const float* x, float* y, int64_t begin, int64_t end, bool accumulate) {
+  if (w.scalar_type() == at::kFloat) {
+    rows_block_any<float>(w, x, y, begin, end, accumulate);
+  } else {
+    rows_block_any<uint16_t>(w, x, y, begin, end, accumulate);
+  }
+}
+
+// ---- argument checks and the optional RMSNorm of the input --------------------------------
+
+void check_weight(const at::Tensor& w, int64_t K, const char* what) {
+  TORCH_CHECK(w.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), what, ": weight must be a contiguous 2-D [N, K] tensor");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, what,
+              ": weight must be float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.size(1) == K, what, ": weight has K=", w.size(1), " but x has ", K, " elements");
+}
+
+void check_vector(const at::Tensor& v, const char* what, const char* name) {
+  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == at::kFloat && v.is_contiguous(), what, ": ", name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+// The vector the rows are multiplied with: x itself, or RMSNorm(x) * norm_weight (computed
+// once, before the threads start: K is small) in `scratch`.
+const float* input_vector(const at::Tensor& x, const c10::optional<at::Tensor>& norm_weight, double eps,
+                          std::vector<float>& scratch, const char* what) {
+  check_vector(x, what, "x");
+  const float* xp = x.const_data_ptr<float>();
+  if (!norm_weight) return xp;
+  const at::Tensor& g = *norm_weight;
+  check_vector(g, what, "norm_weight");
+  const int64_t K = x.numel();
+  TORCH_CHECK(g.numel() == K, what, ": norm_weight has ", g.numel(), " elements, x has ", K);
+  const float* gp = g.const_data_ptr<float>();
+  double ss = 0.0;
+  for (int64_t k = 0; k < K; ++k) ss += static_cast<double>(xp[k]) * xp[k];
+  // The model's RMSNorm: x * rsqrt(mean(x^2) + eps), then times the weight, in float32.
+  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / K) + static_cast<float>(eps));
+  scratch.resize(K);
+  for (int64_t k = 0; k < K; ++k) scratch[k] = gp[k] * (xp[k] * inv);
+  return scratch.data();
+}
+
+// Rows per task: at least a few hundred KB of weights, so a fork is paid for.
+int64_t grain_rows(int64_t K) { return std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(K, 1)); }
+
+// ---- the exported operations -------------------------------------------------------------
+
+// y = W_0 x ++ W_1 x ++ ... (rows of several matrices, one after the other), or y += ... when
+// accumulate. With norm_weight, x is replaced by RMSNorm(x) * norm_weight.
+void gemv(const std::vector<at::Tensor>& weights, const at::Tensor& x, const at::Tensor& y, bool accumulate,
+          const c10::optional<at::Tensor>& norm_weight, double eps) {
+  const char* what = "gemv";
+  TORCH_CHECK(!weights.empty(), what, ": no weights");
+  std::vector<float> scratch;
+  const float* xp = input_vector(x, norm_weight, eps, scratch, what);
+  const int64_t K = x.numel();
+  std::vector<int64_t> offsets{0};
+  for (const auto& w : weights) {
+    check_weight(w, K, what);
+    offsets.push_back(offsets.back() + w.size(0));
+  }
+  check_vector(y, what, "y");
+  TORCH_CHECK(y.numel() == offsets.back(), what, ": y has ", y.numel(), " elements, the weights have ",
+              offsets.back(), " rows");
+  float* yp = y.mutable_data_ptr<float>();
+  TORCH_CHECK(yp + y.numel() <= xp || xp + K <= yp, what, ": y must not overlap x");
+  at::parallel_for(0, offsets.back(), grain_rows(K), [&](int64_t begin, int64_t end) {
+    for (size_t m = 0; m < weights.size(); ++m) {
+      const int64_t lo = std::max(begin, offsets[m]), hi = std::min(end, offsets[m + 1]);
+      if (lo < hi) rows(weights[m], xp, yp + lo, lo - offsets[m], hi - offsets[m], accumulate);
+    }
+  });
+}
+
+// y = silu(W_gate x) * (W_up x): the SwiGLU hidden vector in one pass over both matrices.
+void gemv_swiglu(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& x, const at::Tensor& y,
+                 const c10::optional<at::Tensor>& norm_weight, double eps) {
+  const char* what = "gemv_swiglu";
+  std::vector<float> scratch;
+  const float* xp = input_vector(x, norm_weight, eps, scratch, what);
+  const int64_t K = x.numel(), N = w_gate.size(0);
+  check_weight(w_gate, K, what);
+  check_weight(w_up, K, what);
+  TORCH_CHECK(w_up.size(0) == N, what, ": gate and up have different row counts");
+  check_vector(y, what, "y");
+  TORCH_CHECK(y.numel() == N, what, ": y has ", y.numel(), " elements, need ", N);
+  float* yp = y.mutable_data_ptr<float>();
+  at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+    constexpr int64_t kChunk = 64;  // gate and up rows of a chunk, then combine (stays in L1)
+    float up[kChunk];
+    for (int64_t lo = begin; lo < end; lo += kChunk) {
+      const int64_t hi = std::min(end, lo + kChunk);
+      rows(w_gate, xp, yp + lo, lo, hi, false);
+      rows(w_up, xp, up, lo, hi, false);
+      for (int64_t i = lo; i < hi; ++i) {
+        const float g = yp[i];
+        yp[i] = g / (1.0f + std::exp(-g)) * up[i - lo];
+      }
+    }
+  });
+}
+
+// Attention of one new token (all heads) over the cached keys of one layer.
+// qkv: [(H + 2 Hkv) * D] float32, q then k then v, q and k already rotated. k and v are first
+// written into slot `pos` of k_cache/v_cache ([Hkv, S_max, D] float32, contiguous); then query
+// head h (grouped: kv head h / (H / Hkv)) attends to slots 0..pos. out: [H * D].
+void decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,
+                      int64_t num_heads, const at::Tensor& out, double scale) {
+  const char* what = "decode_attention";
+  check_vector(qkv, what, "qkv");
+  check_vector(k_cache, what, "k_cache");
+  check_vector(v_cache, what, "v_cache");
+  check_vector(out, what, "out");
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), what,
+              ": caches must be [Hkv, S_max, D] of the same shape");
+  const int64_t Hkv = k_cache.size(0), S_max = k_cache.size(1), D = k_cache.size(2), H = num_heads;
+  TORCH_CHECK(H > 0 && H % Hkv == 0, what, ": num_heads must be a multiple of the kv heads");
+  TORCH_CHECK(qkv.numel() == (H + 2 * Hkv) * D && out.numel() == H * D, what, ": qkv/out sizes do not match");
+  TORCH_CHECK(pos >= 0 && pos < S_max, what, ": slot ", pos, " outside the cache of ", S_max, " slots");
+  const float* q = qkv.const_data_ptr<float>();
+  const float* k_new = q + H * D;
+  const float* v_new = k_new + Hkv * D;
+  float* kc = k_cache.mutable_data_ptr<float>();
+  float* vc = v_cache.mutable_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  for (int64_t g = 0; g < Hkv; ++g) {
+    std::memcpy(kc + (g * S_max + pos) * D, k_new + g * D, sizeof(float) * D);
+    std::memcpy(vc + (g * S_max + pos) * D, v_new + g * D, sizeof(float) * D);
+  }
+  const int64_t S = pos + 1, groups = H / Hkv;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, H, S * D >= 4096 ? 1 : H, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S);
+    for (int64_t h = begin; h < end; ++h) {
+      const float* qh = q + h * D;
+      const float* kh = kc + (h / groups) * S_max * D;
+      const float* vh = vc + (h / groups) * S_max * D;
+      float m = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        dot_rows<1>(kh + s * D, D, qh, D, &p[s]);
+        p[s] *= sc;
+        m = std::max(m, p[s]);
+      }
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = std::exp(p[s] - m);
+        total += p[s];
+      }
+      float* oh = o + h * D;
+      std::fill(oh, oh + D, 0.f);
+      for (int64_t s = 0; s < S; ++s) {
+        const float ps = p[s] / total;
+        const float* vs = vh + s * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) oh[d] += ps * vs[d];
+      }
+    }
+  });
+}
+
+// Read every element once (a sum): the bandwidth bound the GEMV is measured against.
+double stream_sum(const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous(), "stream_sum: contiguous float32 only");
+  const float* p = w.const_data_ptr<float>();
+  const int64_t n = w.numel(), chunk = 1 << 16;
+  std::vector<double> parts((n + chunk - 1) / chunk, 0.0);
+  at::parallel_for(0, static_cast<int64_t>(parts.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t lo = c * chunk, hi = std::min(n, lo + chunk);
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = lo; i < hi; ++i) s += p[i];
+      parts[c] = s;
+    }
+  });
+  double total = 0.0;
+  for (double v : parts) total += v;
+  return total;
+}
+
+std::string kernel_isa() { return kIsa; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "y (+)= concat_i(W_i @ [rmsnorm](x))", py::arg("weights"), py::arg("x"), py::arg("y"),
+        py::arg("accumulate") = false, py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5);
+  m.def("gemv_swiglu", &gemv_swiglu, "y = silu(W_gate @ x) * (W_up @ x)", py::arg("w_gate"), py::arg("w_up"),
+        py::arg("x"), py::arg("y"), py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5);
+  m.def("decode_attention", &decode_attention, "one-token GQA attention over a static cache", py::arg("qkv"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"), py::arg("num_heads"), py::arg("out"),
+        py::arg("scale"));
+  m.def("stream_sum", &stream_sum, "sum of a float32 tensor (a read-bandwidth probe)", py::arg("w"));
+  m.def("kernel_isa", &kernel_isa, "which vector path was compiled: avx512, avx2 or generic");
+}

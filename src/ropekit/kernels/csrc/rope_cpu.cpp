@@ -1,0 +1,135 @@
+// Fused rotary apply for CPU tensors: reads x once, writes once (in place or into out).
+//
+// x and out are 4-D with any strides on the first three dims and a contiguous last dim:
+// [B, H, T, D] (heads_first) or [B, T, H, D]. cos/sin are float32, contiguous, (Bc, N, R/2)
+// with Bc in {1, B}. Without positions, the table row of token t is t (N == T); with
+// positions (Bp, T) int64, Bp in {1, B}, it is positions[b, t] (the gather fused in).
+// Pair i turns (a, b) -> (a cos - b sin, b cos + a sin) in float32 and is rounded once.
+// Built with -ffp-contract=off so each product is rounded as in torch's eager reference:
+// float32 results then match the reference bit for bit.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// float <-> storage type. Written as plain scalar code that gcc vectorizes (omp simd).
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float to_float(c10::Half v) {
+  _Float16 h;
+  std::memcpy(&h, &v.x, sizeof(h));
+  return static_cast<float>(h);
+}
+
+template <typename T> inline T from_float(float v);
+template <> inline float from_float<float>(float v) { return v; }
+template <> inline c10::BFloat16 from_float<c10::BFloat16>(float v) {
+  // Round to nearest even, NaN stays a quiet NaN: the same rounding as torch's .to(bfloat16).
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  c10::BFloat16 out;
+  out.x = (v != v) ? static_cast<uint16_t>(0x7FC0) : rounded;
+  return out;
+}
+template <> inline c10::Half from_float<c10::Half>(float v) {
+  _Float16 h = static_cast<_Float16>(v);  // IEEE round to nearest even, as torch
+  c10::Half out;
+  std::memcpy(&out.x, &h, sizeof(h));
+  return out;
+}
+
+template <typename scalar_t>
+inline void rotate_row(const scalar_t* __restrict__ src, scalar_t* dst, const float* __restrict__ c,
+                       const float* __restrict__ s, int64_t half, int64_t dim, bool interleaved) {
+  // dst may equal src (in place): iteration i reads exactly the elements it writes.
+  if (interleaved) {
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      float a = to_float(src[2 * i]), b = to_float(src[2 * i + 1]);
+      float ac = a * c[i], bs = b * s[i], bc = b * c[i], as = a * s[i];
+      dst[2 * i] = from_float<scalar_t>(ac - bs);
+      dst[2 * i + 1] = from_float<scalar_t>(bc + as);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      float a = to_float(src[i]), b = to_float(src[i + half]);
+      float ac = a * c[i], bs = b * s[i], bc = b * c[i], as = a * s[i];
+      dst[i] = from_float<scalar_t>(ac - bs);
+      dst[i + half] = from_float<scalar_t>(bc + as);
+    }
+  }
+  if (dst != src && 2 * half < dim) {
+    std::memcpy(dst + 2 * half, src + 2 * half, sizeof(scalar_t) * (dim - 2 * half));
+  }
+}
+
+template <typename scalar_t>
+void rope_kernel(const at::Tensor& x, const at::Tensor& out, const at::Tensor& cos, const at::Tensor& sin,
+                 const c10::optional<at::Tensor>& positions, bool interleaved, bool heads_first) {
+  const int64_t B = x.size(0), S1 = x.size(1), S2 = x.size(2), D = x.size(3);
+  const int64_t half = cos.size(2), rows = cos.size(1);
+  const int64_t T = heads_first ? S2 : S1;
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
+  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
+  const int64_t table_batch_stride = cos.size(0) > 1 ? rows * half : 0;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const float* cp = cos.const_data_ptr<float>();
+  const float* sp = sin.const_data_ptr<float>();
+  const int64_t* pp = positions ? positions->const_data_ptr<int64_t>() : nullptr;
+  const int64_t pos_batch_stride = (positions && positions->size(0) > 1) ? T : 0;
+
+  const int64_t n_rows = B * S1 * S2;
+  // About 32K elements per task: big enough to amortize the fork, small enough to balance.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i2 = r % S2, i1 = (r / S2) % S1, b = r / (S1 * S2);
+      const int64_t t = heads_first ? i2 : i1;
+      const int64_t row = pp ? pp[b * pos_batch_stride + t] : t;
+      const int64_t table_off = b * table_batch_stride + row * half;
+      rotate_row<scalar_t>(xp + b * xs0 + i1 * xs1 + i2 * xs2, op + b * os0 + i1 * os1 + i2 * os2,
+                    cp + table_off, sp + table_off, half, D, interleaved);
+    }
+  });
+}
+
+void rope_apply(const at::Tensor& x, const at::Tensor& out, const at::Tensor& cos, const at::Tensor& sin,
+                const c10::optional<at::Tensor>& positions, bool interleaved, bool heads_first) {
+  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), "rope_cpu: CPU tensors only");
+  TORCH_CHECK(x.dim() == 4 && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
+              "rope_cpu: x and out must be 4-D with the same shape and dtype");
+  TORCH_CHECK(x.size(3) <= 1 || (x.stride(3) == 1 && out.stride(3) == 1), "rope_cpu: last dim must be contiguous");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "rope_cpu: cos/sin must be contiguous float32 (Bc, N, R/2)");
+  TORCH_CHECK(2 * cos.size(2) <= x.size(3), "rope_cpu: rotary dim exceeds head dim");
+  if (positions) {
+    TORCH_CHECK(positions->dim() == 2 && positions->is_contiguous() && positions->scalar_type() == at::kLong,
+                "rope_cpu: positions must be contiguous int64 (Bp, T)");
+  }
+  if (x.numel() == 0) return;
+  switch (x.scalar_type()) {
+    case at::kFloat: rope_kernel<float>(x, out, cos, sin, positions, interleaved, heads_first); break;
+    case at::kBFloat16: rope_kernel<c10::BFloat16>(x, out, cos, sin, positions, interleaved, heads_first); break;
+    case at::kHalf: rope_kernel<c10::Half>(x, out, cos, sin, positions, interleaved, heads_first); break;
+    default: TORCH_CHECK(false, "rope_cpu: unsupported dtype ", x.scalar_type());
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rope_apply", &rope_apply, "Fused rotary apply (CPU)", py::arg("x"), py::arg("out"), py::arg("cos"),
+        py::arg("sin"), py::arg("positions"), py::arg("interleaved"), py::arg("heads_first"));
+}
