@@ -48,9 +48,10 @@ template <> inline c10::Half from_float<c10::Half>(float v) {
 }
 
 template <typename scalar_t>
-inline void rotate_row(const scalar_t* __restrict__ src, scalar_t* dst, const float* __restrict__ c,
+inline void rotate_row(const scalar_t* src, scalar_t* dst, const float* __restrict__ c,
                        const float* __restrict__ s, int64_t half, int64_t dim, bool interleaved) {
-  // dst may equal src (in place): iteration i reads exactly the elements it writes.
+  // dst may equal src (in place): iteration i reads exactly the elements it writes, and src is
+  // not __restrict__ so the compiler may not reload a or b after storing to dst.
   if (interleaved) {
 #pragma omp simd
     for (int64_t i = 0; i < half; ++i) {
