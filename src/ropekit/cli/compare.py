@@ -1,0 +1,126 @@
+"""``ropekit compare``: which context-extension method works past the trained length, and at what cost.
+
+One command loads the default model, runs every method on a long window of *Pride and
+Prejudice* (perplexity inside vs beyond the trained length) and a small passkey grid, prints a
+table and writes ``report.md``, ``perplexity.png``, ``passkey.png``, ``results.json`` and
+``results.csv`` to ``--out``. The default is a quick look at 2x the trained length sized for a
+few minutes on a 2-core CPU; ``--full`` sweeps 2x, 4x and 8x. Interrupted runs resume.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ropekit.cli.eval import DEFAULT_MODEL, command_line
+
+# Methods at scale s (the target length is s x the trained length L); {s} is the factor and
+# {g} a Self-Extend group size whose reach (L - W) * G + W covers s * L.
+QUICK_METHODS = ("none", "yarn:factor={s}", "self-extend:group={g},window=1024")
+FULL_METHODS = ("none", "linear:factor={s}", "dynamic:factor={s}", "yarn:factor={s}",
+                "self-extend:group={g},window=1024", "leaky-rerope:window=2048,k={k}",
+                "yarn:factor={s2}+self-extend:group={g2},window=1024")
+QUICK_SCALES = (2,)
+FULL_SCALES = (2, 4, 8)
+QUICK_PASSKEY = {"lengths": (12000,), "depths": (0.5,), "trials": 1}
+FULL_PASSKEY = {"depths": (0.1, 0.3, 0.5, 0.7, 0.9), "trials": 2}
+
+
+def self_extend_group(target: int, trained: int, window: int = 1024) -> int:
+    """The smallest power-of-two group G with (trained - window) * G + window >= target, at least 2."""
+    g = 2
+    while (trained - window) * g + window < target:
+        g *= 2
+    return g
+
+
+def methods_at(templates, scale: int, trained: int) -> list[str]:
+    g = self_extend_group(scale * trained, trained)
+    return [t.format(s=scale, g=g, k=4 * scale, s2=max(2, scale // 2), g2=max(2, g // 2)) for t in templates]
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("compare", help="compare context-extension methods past the trained length "
+                                              "(perplexity + passkey, report with plots)",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="ropekit-compare", help="output folder (default ropekit-compare)")
+    p.add_argument("--full", action="store_true",
+                   help="the full sweep: 2x, 4x, 8x the trained length, all methods, a passkey grid")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model (default smollm2)")
+    p.add_argument("--text", default=None, help="text file (default: the packaged Pride and Prejudice)")
+    p.add_argument("--method", action="append", metavar="SPEC",
+                   help="replace the method list (repeatable); scales still come from --full")
+    p.add_argument("--no-passkey", action="store_true", help="skip the passkey grid")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def plan(args, trained: int) -> tuple[list[tuple[str, int]], dict]:
+    """(perplexity cells (method, length), passkey settings {methods, lengths, depths, trials})."""
+    scales = FULL_SCALES if args.full else QUICK_SCALES
+    templates = FULL_METHODS if args.full else QUICK_METHODS
+    cells, key_methods = [], []
+    for s in scales:
+        methods = list(args.method) if args.method else methods_at(templates, s, trained)
+        cells += [(m, s * trained) for m in methods]
+        if s == scales[0]:
+            key_methods = methods
+    if args.full:
+        passkey = {"methods": key_methods, "lengths": (trained, 2 * trained - 192), **FULL_PASSKEY}
+    else:
+        passkey = {"methods": key_methods, **QUICK_PASSKEY}
+    return cells, passkey
+
+
+def run(args) -> int:
+    from tqdm.auto import tqdm
+
+    from ropekit.eval.report import passkey_table, perplexity_table, write_outputs
+    from ropekit.eval.results import ResultStore
+    from ropekit.eval.sweep import Sweeper, check_methods, trained_length
+    from ropekit.eval.text import load_tokens, text_name
+    from ropekit.loading import load_model
+
+    if args.method:
+        check_methods(args.method)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    store = ResultStore(out / "results.json")
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    tokens = load_tokens(tokenizer, args.text)
+    trained = trained_length(model)
+    cells, passkey = plan(args, trained)
+    print(f"loaded {args.model} (trained length {trained}) in {time.perf_counter() - start:.1f} s; "
+          f"{len(cells)} perplexity runs" + ("" if args.no_passkey else
+                                             f", passkey {len(passkey['methods'])} methods x "
+                                             f"{len(passkey['lengths'])} lengths x {len(passkey['depths'])} "
+                                             f"depths x {passkey['trials']} trials"), file=sys.stderr)
+    sweeper = Sweeper(model, tokenizer, store, model_name=str(args.model), show_progress=not args.no_progress,
+                      log=tqdm.write)
+    ppl = []
+    for spec, length in cells:
+        ppl += sweeper.perplexity(tokens, [spec], [length], text=text_name(args.text))
+    keys = []
+    if not args.no_passkey:
+        keys = sweeper.passkey(passkey["methods"], passkey["lengths"], passkey["depths"],
+                               trials=passkey["trials"], seed=0)
+    notes = [f"Model `{args.model}`, trained context {trained} tokens. Single-window perplexity: one window "
+             f"of the given length from the start of the text, every token scored. Total time "
+             f"{time.perf_counter() - start:.0f} s."]
+    files = write_outputs(out, ppl + keys, title="ropekit compare: context extension past the trained length",
+                          command=command_line(), notes=notes)
+    print(perplexity_table(ppl))
+    if keys:
+        print()
+        print(passkey_table(keys))
+    print(f"\nreport: {files['report']} (plots and results.json beside it); "
+          f"total {time.perf_counter() - start:.0f} s")
+    return 0

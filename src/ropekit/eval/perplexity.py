@@ -1,0 +1,142 @@
+"""Perplexity against context length: the single-window and sliding-window protocols.
+
+- single window (YaRN's headline tables): the first L tokens of the text (or ``windows``
+  consecutive disjoint L-token windows), every token after the first scored;
+- sliding window (Press et al., ALiBi; PI/YaRN with stride 256): windows of L tokens every S
+  tokens, each scoring only the tokens that earlier windows did not.
+A scored token's *position* is its index inside its window; tokens at positions below the
+trained length are "in window", the rest "beyond". Perplexity = exp(mean NLL per token).
+Logits are produced in chunks from the final hidden states, so a 32K window never holds a
+``T x V`` logit matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ropekit.eval.memory import PeakMemory
+
+LOGIT_CHUNK = 2048
+
+
+@torch.inference_mode()
+def window_nll(model, ids: torch.Tensor, logit_chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """NLL of each token given the ones before it, in one forward pass.
+
+    ids: long ``[T]`` -> float64 ``[T - 1]``, entry t-1 being -log p(ids[t] | ids[:t]).
+    """
+    ids = ids.reshape(1, -1)
+    hidden = final_hidden(model, ids)[0, :-1]  # [T-1, C]
+    targets = ids[0, 1:]
+    out = torch.empty(targets.shape[0], dtype=torch.float64)
+    for a in range(0, targets.shape[0], logit_chunk):
+        logits = model.lm_head(hidden[a:a + logit_chunk]).float()  # [chunk, V]
+        nll = F.cross_entropy(logits, targets[a:a + logit_chunk], reduction="none")
+        out[a:a + logit_chunk] = nll.double()
+    return out
+
+
+def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """The normed last hidden states ``[B, T, C]`` of a ``LlamaModel`` (its forward without lm_head)."""
+    context = model.attention_context(ids, None, None, None)
+    x = model.embed_tokens(ids)
+    for layer in model.layers:
+        x = layer(x, context)
+    return model.norm(x)
+
+
+@dataclass
+class NllTally:
+    """Running NLL sums per position class and per segment of positions."""
+
+    trained: int
+    segment: int
+    total: list[float] = field(default_factory=lambda: [0.0, 0])
+    inside: list[float] = field(default_factory=lambda: [0.0, 0])
+    beyond: list[float] = field(default_factory=lambda: [0.0, 0])
+    segments: dict[int, list[float]] = field(default_factory=dict)
+
+    def add(self, nll: torch.Tensor, positions: torch.Tensor) -> None:
+        """nll float ``[n]`` of tokens at window positions ``[n]``."""
+        for acc, sel in ((self.total, slice(None)), (self.inside, positions < self.trained),
+                         (self.beyond, positions >= self.trained)):
+            part = nll[sel]
+            acc[0] += float(part.sum())
+            acc[1] += int(part.numel())
+        seg = torch.div(positions, self.segment, rounding_mode="floor")
+        for s in seg.unique().tolist():
+            acc = self.segments.setdefault(int(s), [0.0, 0])
+            part = nll[seg == s]
+            acc[0] += float(part.sum())
+            acc[1] += int(part.numel())
+
+    def summary(self) -> dict:
+        return {
+            "ppl": _ppl(self.total), "ppl_in_window": _ppl(self.inside), "ppl_beyond": _ppl(self.beyond),
+            "tokens_scored": int(self.total[1]), "tokens_in_window": int(self.inside[1]),
+            "tokens_beyond": int(self.beyond[1]),
+            "segments": [{"start": s * self.segment, "end": (s + 1) * self.segment, "ppl": _ppl(acc),
+                          "tokens": int(acc[1])} for s, acc in sorted(self.segments.items())],
+        }
+
+
+def _ppl(acc: list[float]) -> float | None:
+    return math.exp(acc[0] / acc[1]) if acc[1] else None
+
+
+def plan_windows(num_tokens: int, length: int, protocol: str, stride: int | None = None,
+                 windows: int = 1) -> list[tuple[int, int, int]]:
+    """The windows to run: ``(begin, end, first_scored)`` with first_scored the window index of
+    the first scored target (targets are window indices 1..end-begin-1).
+
+    single: ``windows`` consecutive disjoint windows of ``length`` tokens from the start.
+    sliding: ``range(0, N, stride)``; each window scores only targets not scored before.
+    """
+    if length < 2:
+        raise ValueError(f"length must be >= 2 tokens, got {length}")
+    if protocol == "single":
+        if windows < 1:
+            raise ValueError(f"windows must be >= 1, got {windows}")
+        if windows * length > num_tokens:
+            raise ValueError(f"the text has {num_tokens} tokens; {windows} window(s) of {length} need "
+                             f"{windows * length}")
+        return [(w * length, (w + 1) * length, 1) for w in range(windows)]
+    if protocol != "sliding":
+        raise ValueError(f"protocol must be 'single' or 'sliding', got {protocol!r}")
+    if stride is None or stride < 1 or stride > length:
+        raise ValueError(f"sliding stride must be in [1, length={length}], got {stride}")
+    plan, prev_end = [], 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + length, num_tokens)
+        if end - begin < 2:
+            break
+        plan.append((begin, end, max(1, prev_end - begin)))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return plan
+
+
+def evaluate_perplexity(model, tokens: torch.Tensor, length: int, *, trained: int, protocol: str = "single",
+                        stride: int | None = None, windows: int = 1, segment: int = 4096,
+                        progress=None) -> dict:
+    """Perplexity of ``tokens`` (long ``[N]``) with windows of ``length``; returns the metrics dict
+    (``ppl``, ``ppl_in_window``, ``ppl_beyond``, counts, ``segments``, ``seconds``, ``peak_mem_mb``)."""
+    plan = plan_windows(int(tokens.shape[0]), length, protocol, stride, windows)
+    tally = NllTally(trained=trained, segment=segment)
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        for begin, end, first in plan:
+            nll = window_nll(model, tokens[begin:end])  # targets at window positions 1..end-begin-1
+            positions = torch.arange(1, end - begin)
+            keep = positions >= first
+            tally.add(nll[keep], positions[keep])
+            if progress is not None:
+                progress(1)
+    return {**tally.summary(), "windows_run": len(plan), "seconds": round(time.perf_counter() - start, 2),
+            "peak_mem_mb": round(mem.peak_mb, 1), "peak_mem_delta_mb": round(mem.delta_mb, 1)}

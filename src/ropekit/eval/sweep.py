@@ -1,0 +1,127 @@
+"""Resumable sweeps: methods x lengths (perplexity) and methods x lengths x depths (passkey).
+
+Every finished cell goes into a ``ResultStore`` at once (atomic rewrite); cells already in the
+store are skipped, so an interrupted sweep resumes where it stopped. The model is switched
+between methods with ``apply_method`` from its own (loaded) rope.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ropekit.eval.passkey import evaluate_passkey
+from ropekit.eval.perplexity import evaluate_perplexity
+from ropekit.eval.results import ResultStore
+from ropekit.model.extend import apply_method, parse_method
+
+
+def trained_length(model) -> int:
+    """The model's trained context length L (what "beyond the window" is measured from)."""
+    rope = model.config.rope
+    return int(rope.original_max_position_embeddings or model.config.max_position_embeddings)
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """Validate every SPEC up front (ValueError before any model time is spent)."""
+    if not methods:
+        raise ValueError("give at least one --method")
+    for spec in methods:
+        parse_method(spec)
+    return list(methods)
+
+
+class Sweeper:
+    """Runs cells on one loaded model, switching methods, storing each finished cell."""
+
+    def __init__(self, model, tokenizer, store: ResultStore, *, model_name: str, show_progress: bool = True,
+                 log: Callable[[str], None] = print):
+        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.model_name, self.show_progress, self.log = model_name, show_progress, log
+        self.base_rope = model.config.rope
+        self.trained = trained_length(model)
+
+    def _use(self, spec: str) -> dict:
+        method = apply_method(self.model, spec, self.base_rope)
+        return {"rope": self.model.config.rope.describe(), "attention": method.attention_name}
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.show_progress, leave=False, dynamic_ncols=True)
+
+    def perplexity(self, tokens: torch.Tensor, methods: Sequence[str], lengths: Sequence[int], *, text: str,
+                   protocol: str = "single", stride: int | None = None, windows: int = 1,
+                   segment: int = 4096) -> list[dict]:
+        out = []
+        cells = [(m, n) for m in methods for n in lengths]
+        with self._bar(len(cells), "perplexity") as bar:
+            for spec, length in cells:
+                cell = {"task": "perplexity", "model": self.model_name, "text": text, "method": spec,
+                        "length": int(length), "protocol": protocol,
+                        "stride": stride if protocol == "sliding" else None, "windows": windows}
+                done = self.store.find(cell)
+                if done is None:
+                    bar.set_description(f"ppl {spec} @ {length}")
+                    info = self._use(spec)
+                    metrics = evaluate_perplexity(self.model, tokens, int(length), trained=self.trained,
+                                                  protocol=protocol, stride=stride, windows=windows,
+                                                  segment=segment)
+                    done = {**cell, **info, "trained_length": self.trained, "segment": segment, **metrics,
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    self.store.add(done)
+                    self.log(f"  {spec:<45} L={length:<6} ppl {_fmt(done['ppl'])}  in-window "
+                             f"{_fmt(done['ppl_in_window'])}  beyond {_fmt(done['ppl_beyond'])}  "
+                             f"({done['seconds']:.0f} s, peak {done['peak_mem_mb']:.0f} MB)")
+                out.append(done)
+                bar.update(1)
+        return out
+
+    def passkey(self, methods: Sequence[str], lengths: Sequence[int], depths: Sequence[float], *,
+                trials: int, seed: int) -> list[dict]:
+        out = []
+        cells = [(m, n, d) for m in methods for n in lengths for d in depths]
+        with self._bar(len(cells) * trials, "passkey") as bar:
+            for spec, length, depth in cells:
+                cell = {"task": "passkey", "model": self.model_name, "method": spec, "length": int(length),
+                        "depth": float(depth), "trials": int(trials), "seed": int(seed)}
+                done = self.store.find(cell)
+                if done is None:
+                    bar.set_description(f"passkey {spec} @ {length}, depth {depth:g}")
+                    info = self._use(spec)
+                    metrics = evaluate_passkey(self.model, self.tokenizer, int(length), float(depth),
+                                               int(trials), int(seed), progress=bar.update)
+                    done = {**cell, **info, "trained_length": self.trained, **metrics,
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    self.store.add(done)
+                    self.log(f"  {spec:<45} L={length:<6} depth {depth:<4g} accuracy {done['accuracy']:.0%} "
+                             f"({done['seconds']:.0f} s)")
+                else:
+                    bar.update(trials)
+                out.append(done)
+        return out
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def parse_int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(float(v)) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 2 for v in values):
+        raise ValueError(f"{name} must be integers >= 2, got {text!r}")
+    return values
+
+
+def parse_float_list(text: str, name: str, low: float = 0.0, high: float = 1.0) -> list[float]:
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not low <= v <= high for v in values):
+        raise ValueError(f"{name} must be numbers in [{low}, {high}], got {text!r}")
+    return values
