@@ -12,6 +12,9 @@
 
 #include <cstdint>
 #include <cstring>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -23,11 +26,9 @@ inline float to_float(c10::BFloat16 v) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
-inline float to_float(c10::Half v) {
-  _Float16 h;
-  std::memcpy(&h, &v.x, sizeof(h));
-  return static_cast<float>(h);
-}
+// float16 is stored as gcc's native _Float16 (same bits as c10::Half): its conversions
+// vectorize (vcvtph2ps / vcvtps2ph with F16C), c10::Half's do not.
+inline float to_float(_Float16 v) { return static_cast<float>(v); }
 
 template <typename T> inline T from_float(float v);
 template <> inline float from_float<float>(float v) { return v; }
@@ -40,15 +41,10 @@ template <> inline c10::BFloat16 from_float<c10::BFloat16>(float v) {
   out.x = (v != v) ? static_cast<uint16_t>(0x7FC0) : rounded;
   return out;
 }
-template <> inline c10::Half from_float<c10::Half>(float v) {
-  _Float16 h = static_cast<_Float16>(v);  // IEEE round to nearest even, as torch
-  c10::Half out;
-  std::memcpy(&out.x, &h, sizeof(h));
-  return out;
-}
+template <> inline _Float16 from_float<_Float16>(float v) { return static_cast<_Float16>(v); }  // IEEE RNE
 
 template <typename scalar_t>
-inline void rotate_row(const scalar_t* src, scalar_t* dst, const float* __restrict__ c,
+inline void rotate_row_generic(const scalar_t* src, scalar_t* dst, const float* __restrict__ c,
                        const float* __restrict__ s, int64_t half, int64_t dim, bool interleaved) {
   // dst may equal src (in place): iteration i reads exactly the elements it writes, and src is
   // not __restrict__ so the compiler may not reload a or b after storing to dst.
@@ -75,6 +71,52 @@ inline void rotate_row(const scalar_t* src, scalar_t* dst, const float* __restri
 }
 
 template <typename scalar_t>
+inline void rotate_row(const scalar_t* src, scalar_t* dst, const float* __restrict__ c,
+                       const float* __restrict__ s, int64_t half, int64_t dim, bool interleaved) {
+  rotate_row_generic<scalar_t>(src, dst, c, s, half, dim, interleaved);
+}
+
+// gcc 12 keeps _Float16 conversions scalar inside the rotation loop, so float16 rows go
+// through a float32 scratch row with explicit 8-wide F16C conversions (an L1-resident detour).
+constexpr int64_t kMaxScratch = 2048;
+
+inline void half_to_float(const _Float16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __F16C__
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void float_to_half(const float* src, _Float16* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __F16C__
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<_Float16>(src[i]);
+}
+
+template <>
+inline void rotate_row<_Float16>(const _Float16* src, _Float16* dst, const float* __restrict__ c,
+                                 const float* __restrict__ s, int64_t half, int64_t dim, bool interleaved) {
+  const int64_t rot = 2 * half;
+  if (rot > kMaxScratch) {  // rare: very wide heads take the scalar path
+    rotate_row_generic<_Float16>(src, dst, c, s, half, dim, interleaved);
+    return;
+  }
+  float row[kMaxScratch];
+  half_to_float(src, row, rot);
+  rotate_row_generic<float>(row, row, c, s, half, rot, interleaved);
+  float_to_half(row, dst, rot);
+  if (dst != src && rot < dim) std::memcpy(dst + rot, src + rot, sizeof(_Float16) * (dim - rot));
+}
+
+template <typename scalar_t>
 void rope_kernel(const at::Tensor& x, const at::Tensor& out, const at::Tensor& cos, const at::Tensor& sin,
                  const c10::optional<at::Tensor>& positions, bool interleaved, bool heads_first) {
   const int64_t B = x.size(0), S1 = x.size(1), S2 = x.size(2), D = x.size(3);
@@ -83,8 +125,8 @@ void rope_kernel(const at::Tensor& x, const at::Tensor& out, const at::Tensor& c
   const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
   const int64_t table_batch_stride = cos.size(0) > 1 ? rows * half : 0;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const scalar_t* xp = static_cast<const scalar_t*>(x.const_data_ptr());
+  scalar_t* op = static_cast<scalar_t*>(out.mutable_data_ptr());
   const float* cp = cos.const_data_ptr<float>();
   const float* sp = sin.const_data_ptr<float>();
   const int64_t* pp = positions ? positions->const_data_ptr<int64_t>() : nullptr;
@@ -123,7 +165,7 @@ void rope_apply(const at::Tensor& x, const at::Tensor& out, const at::Tensor& co
   switch (x.scalar_type()) {
     case at::kFloat: rope_kernel<float>(x, out, cos, sin, positions, interleaved, heads_first); break;
     case at::kBFloat16: rope_kernel<c10::BFloat16>(x, out, cos, sin, positions, interleaved, heads_first); break;
-    case at::kHalf: rope_kernel<c10::Half>(x, out, cos, sin, positions, interleaved, heads_first); break;
+    case at::kHalf: rope_kernel<_Float16>(x, out, cos, sin, positions, interleaved, heads_first); break;
     default: TORCH_CHECK(false, "rope_cpu: unsupported dtype ", x.scalar_type());
   }
 }
