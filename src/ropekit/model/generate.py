@@ -136,6 +136,12 @@ class TextStream:
         piece, self.sent = text[self.sent:], len(text)
         return piece
 
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids)
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
 
 def stream_generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
                     seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -150,10 +156,12 @@ def stream_generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, 
     for token in tokens:
         token_id = int(token[0])
         if token_id in stop_ids:
-            return
+            break
         piece = stream.push(token_id)
         if piece:
             yield piece
+    if rest := stream.flush():
+        yield rest
 
 
 def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: int = 64,

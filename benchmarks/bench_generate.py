@@ -1,0 +1,158 @@
+"""Prefill and decode speed of ropekit's LLaMA vs transformers, same GGUF weights, same dtype, same run.
+
+    python benchmarks/bench_generate.py [--model smollm2] [--prompt-tokens 1000] [--new-tokens 128]
+                                        [--repeats 3] [--threads 2] [--out results/bench_generate.json]
+
+Prefill: one forward pass over the prompt with a fresh cache, logits for the last position only
+(what generation does). Decode: greedy generation of ``--new-tokens`` after that prompt, timed from
+the first new token to the last (so it excludes the prefill), through each library's own
+generation path (``ropekit.model.generate.generate_ids`` / ``transformers`` ``generate``).
+Medians over ``--repeats`` runs after one warm-up. "weights GB/s" is the parameter bytes read per
+decoded token times tokens/s, a lower bound on memory traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULTS = dict(model="smollm2", prompt_tokens=1000, new_tokens=128, repeats=3, threads=2)
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    """The first ``n`` tokens of the shipped evaluation text."""
+    from ropekit.data import DEFAULT_TEXT
+
+    ids = tokenizer.encode(Path(DEFAULT_TEXT).read_text(encoding="utf-8"))
+    if len(ids) < n:
+        raise ValueError(f"the evaluation text has only {len(ids)} tokens, fewer than {n}")
+    return ids[:n]
+
+
+class _Timestamps:
+    """A transformers streamer that records when each new token arrives (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def time_ropekit(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens - 1 steps) for ropekit."""
+    from ropekit.model.generate import generate_ids
+
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        cache = model.new_cache(1, len(ids))
+        start = time.perf_counter()
+        model(x, cache=cache, logits_to_keep=1)
+        prefill = time.perf_counter() - start
+    stamps = [time.perf_counter() for _ in generate_ids(model, [ids], max_new_tokens=new_tokens)]
+    return prefill, stamps[-1] - stamps[0]
+
+
+def time_transformers(hf, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens - 1 steps) for transformers."""
+    from transformers import DynamicCache
+
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        start = time.perf_counter()
+        hf(x, past_key_values=DynamicCache(config=hf.config), use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - start
+        streamer = _Timestamps()
+        hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, streamer=streamer)
+    stamps = streamer.times[1:]  # drop the prompt's put
+    return prefill, stamps[-1] - stamps[0]
+
+
+def measure(name: str, timer, engine, ids: list[int], new_tokens: int, repeats: int,
+            weight_bytes: int) -> dict:
+    timer(engine, ids[:64], 4)  # warm-up: thread pools, allocator, first-call paths
+    runs = [timer(engine, ids, new_tokens) for _ in range(repeats)]
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    decode_tok_s = (new_tokens - 1) / decode
+    result = {"prefill_s": prefill, "prefill_tok_s": len(ids) / prefill, "decode_s": decode,
+              "decode_tok_s": decode_tok_s, "weights_gb_s": weight_bytes * decode_tok_s / 1e9,
+              "runs": [{"prefill_s": p, "decode_s": d} for p, d in runs]}
+    print(f"  {name}: prefill {result['prefill_tok_s']:.0f} tok/s, decode {decode_tok_s:.1f} tok/s",
+          file=sys.stderr)
+    return result
+
+
+def load_transformers(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return hf.eval()
+
+
+def print_table(report: dict) -> None:
+    header = f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>15}{'weights GB/s':>15}"
+    print(f"prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, {report['dtype']}, "
+          f"{report['threads']} threads, median of {report['repeats']}")
+    print(header)
+    print("-" * len(header))
+    for name, r in report["results"].items():
+        print(f"{name:<14}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>15.1f}{r['weights_gb_s']:>15.2f}")
+
+
+def run(model: str, prompt_tokens: int, new_tokens: int, repeats: int, threads: int,
+        engines: tuple[str, ...] = ("ropekit", "transformers")) -> dict:
+    from ropekit.loading import load_model, resolve_source
+
+    torch.set_num_threads(threads)
+    path = resolve_source(model)
+    ours, tokenizer = load_model(path, dtype=torch.float32)
+    ids = prompt_ids(tokenizer, prompt_tokens)
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    results = {}
+    if "ropekit" in engines:
+        results["ropekit"] = measure("ropekit", time_ropekit, ours, ids, new_tokens, repeats, weight_bytes)
+    del ours
+    if "transformers" in engines:
+        hf = load_transformers(path)
+        results["transformers"] = measure("transformers", time_transformers, hf, ids, new_tokens, repeats,
+                                          weight_bytes)
+    return {"model": str(path), "dtype": "float32", "threads": threads, "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens, "repeats": repeats, "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULTS["model"])
+    parser.add_argument("--prompt-tokens", type=int, default=DEFAULTS["prompt_tokens"])
+    parser.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"])
+    parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"])
+    parser.add_argument("--threads", type=int, default=DEFAULTS["threads"])
+    parser.add_argument("--engines", default="ropekit,transformers", help="comma-separated subset")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    report = run(args.model, args.prompt_tokens, args.new_tokens, args.repeats, args.threads,
+                 tuple(args.engines.split(",")))
+    print_table(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
