@@ -276,3 +276,17 @@ def test_apply_method_resets_to_base_rope():
     assert model.config.rope.rope_type == "yarn"
     apply_method(model, "self-extend:group=2,window=4", base)
     assert model.config.rope == base and isinstance(model.attention_method, SelfExtendAttention)
+
+
+@pytest.mark.parametrize("T,window,chunk", [(50, 7, 8), (33, 40, 16), (64, 1, 64)])
+def test_fast_prefill_path_equals_general_chunked_path(T, window, chunk):
+    """The flash + log-sum-exp merge used for plain prefills equals the general masked path."""
+    from ropekit.model.extend.remap import fast_prefill_attention, merged_attention
+
+    q, k, v = qkv(T, seed=5, dtype=torch.float32)
+    q2, k2, _ = qkv(T, seed=6, dtype=torch.float32)
+    pos = torch.arange(T).expand(B, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T)
+    general = merged_attention(q, k, q2, k2, v, pos, pos, window, mask=causal, chunk_size=chunk)
+    torch.testing.assert_close(fast_prefill_attention(q, k, q2, k2, v, window, chunk), general,
+                               rtol=1e-5, atol=1e-5)

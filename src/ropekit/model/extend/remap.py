@@ -8,9 +8,13 @@ Both score sets go into ONE softmax. Keys are cached UNROTATED and rotated on us
 and far) at the frequencies of the current length, so prefill and cached decode are exact and
 length-dependent rope types (dynamic NTK / dynamic YaRN) stay consistent for every cached key.
 
-Memory: queries are processed in chunks of ``chunk_size``; a chunk of C queries against S keys
-materialises one ``[B, H, C, S]`` score block (near scores only for the band of key slots that
-holds near pairs), never ``T x T``.
+Memory and speed: in a prefill whose positions are the slots (no cache, no padding: the
+perplexity case) the far pairs (j <= i - W) form a causal attention shifted by W, run as one
+fused SDPA (flash kernel, with its log-sum-exp), and the near pairs a sliding window run in
+query chunks; the two partial softmaxes are merged exactly through their log-sum-exps. Any
+other case (cache, padding, arbitrary positions) takes the general path: queries in chunks of
+``chunk_size``, one ``[B, H, C, S]`` score block per chunk (near scores only on the band of key
+slots that holds near pairs). Neither path materialises ``T x T``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,63 @@ def all_key_positions(context: AttentionContext) -> torch.Tensor:
     return torch.cat([context.cache.key_positions[:, : context.past], new], dim=1)
 
 
+def _flash_with_lse():
+    """torch's CPU flash-attention op returning (out, logsumexp), or None where unavailable."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return op
+
+
+def _is_plain_prefill(q_pos: torch.Tensor, k_pos: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """No cache, no padding, positions = slot + constant: the fast path applies."""
+    if mask is not None or q_pos.shape != k_pos.shape or not torch.equal(q_pos, k_pos):
+        return False
+    steps = q_pos[:, 1:] - q_pos[:, :-1]
+    return bool((steps == 1).all())
+
+
+def _window_attention(q, k, v, window: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention restricted to ``0 <= i - j < window`` (slots), with its log-sum-exp.
+
+    q ``[B, H, T, D]``, k/v ``[B, H, T, D]`` -> (out ``[B, H, T, Dv]``, lse ``[B, H, T]``).
+    """
+    B, H, T, D = q.shape
+    op = _flash_with_lse()
+    out = q.new_empty(B, H, T, v.shape[-1])
+    lse = q.new_empty(B, H, T, dtype=torch.float32)
+    for a in range(0, T, chunk_size):
+        b = min(a + chunk_size, T)
+        lo = max(0, a - window + 1)
+        rel = torch.arange(a, b, device=q.device)[:, None] - torch.arange(lo, b, device=q.device)[None, :]
+        bias = torch.zeros(rel.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~((rel >= 0) & (rel < window)), float("-inf"))  # [C, b-lo] additive mask
+        o, part_lse = op(q[:, :, a:b].contiguous(), k[:, :, lo:b].contiguous(), v[:, :, lo:b].contiguous(),
+                         0.0, False, attn_mask=bias)
+        out[:, :, a:b], lse[:, :, a:b] = o, part_lse.float()
+    return out, lse
+
+
+def fast_prefill_attention(q_near, k_near, q_far, k_far, v, window: int, chunk_size: int = DEFAULT_CHUNK):
+    """``merged_attention`` for a plain prefill (positions = slots): shifted-causal flash SDPA for
+    the far pairs + chunked sliding window for the near pairs, merged by log-sum-exp."""
+    op = _flash_with_lse()
+    B, H, T, D = q_near.shape
+    g = H // k_near.shape[1]
+    if g > 1:  # [B, Hkv, T, D] -> [B, H, T, D]
+        k_near, k_far, v = (x.repeat_interleave(g, dim=1) for x in (k_near, k_far, v))
+    out, lse = _window_attention(q_near, k_near, v, window, chunk_size)
+    if T <= window:
+        return out
+    # far pairs: query i sees keys j <= i - W, i.e. queries W.. vs keys ..T-W, causal top-left
+    far_out, far_lse = op(q_far[:, :, window:].contiguous(), k_far[:, :, : T - window].contiguous(),
+                          v[:, :, : T - window].contiguous(), 0.0, True)
+    near_lse = lse[:, :, window:]
+    total = torch.logaddexp(near_lse, far_lse.float())
+    w_near = torch.exp(near_lse - total)[..., None].to(out.dtype)
+    w_far = torch.exp(far_lse.float() - total)[..., None].to(out.dtype)
+    out[:, :, window:] = w_near * out[:, :, window:] + w_far * far_out
+    return out
+
+
 def merged_attention(q_near: torch.Tensor, k_near: torch.Tensor, q_far: torch.Tensor, k_far: torch.Tensor,
                      v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
                      mask: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -55,6 +116,9 @@ def merged_attention(q_near: torch.Tensor, k_near: torch.Tensor, q_far: torch.Te
     mask ``[B, 1, T, S]`` bool (True = may attend) or None for plain causality by slot (query t
     sits in slot ``S - T + t``). Rows with no allowed key return zeros. Returns ``[B, H, T, D]``.
     """
+    if (_flash_with_lse() is not None and q_near.dtype in (torch.float32, torch.bfloat16)
+            and _is_plain_prefill(q_pos, k_pos, mask)):
+        return fast_prefill_attention(q_near, k_near, q_far, k_far, v, window, chunk_size)
     B, H, T, D = q_near.shape
     Hkv, S = k_near.shape[1], k_near.shape[2]
     g = H // Hkv
