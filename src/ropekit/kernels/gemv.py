@@ -1,0 +1,152 @@
+"""Decode-time matrix-vector kernels: the C++ extension ``csrc/gemv_cpu.cpp`` and a torch fallback.
+
+Built just in time the same way as the rotary kernel (``ropekit.kernels.build``: same flags,
+same ``$ROPEKIT_CACHE`` root, one folder per source, torch, flags and CPU kind).
+``python -m ropekit.kernels.gemv`` builds it ahead of time.
+
+Every function here has a pure-torch twin with the same contract, so callers pick a backend
+once (``backend()``) and never branch per call:
+
+- ``gemv(weights, x, y, accumulate=False, norm_weight=None, eps=1e-5)``: ``y (+)= cat_i(W_i @ x')``
+  with ``x' = rmsnorm(x) * norm_weight`` when a norm weight is given, else ``x``.
+- ``gemv_swiglu(w_gate, w_up, x, y, norm_weight=None, eps=1e-5)``: ``y = silu(W_gate x') * (W_up x')``.
+- ``decode_attention(qkv, k_cache, v_cache, pos, num_heads, out, scale)``: write the new k, v
+  into slot ``pos``, then one query per head attends to slots ``0..pos`` (grouped-query).
+
+Weights are float32 or bfloat16 ``[N, K]`` contiguous; vectors and caches are float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from ropekit.kernels.build import CACHE_ENV, CFLAGS, LDFLAGS, _cpu_signature
+
+SOURCE = Path(__file__).parent / "csrc" / "gemv_cpu.cpp"
+ENV_VAR = "ROPEKIT_GEMV_BACKEND"
+BACKENDS = ("cpp", "torch")
+
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def cache_dir() -> Path:
+    """Where this build lives: keyed by source, torch, flags and CPU (as the rotary kernel's)."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ropekit" / "ext")
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, sys.version, " ".join(CFLAGS),
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    return root / f"gemv_cpu_{key}"
+
+
+def build_extension(verbose: bool = False) -> ModuleType:
+    """Compile (first call) or load (later calls) the C++ kernels; raises if the compiler fails."""
+    global _module
+    if _module is None:
+        from torch.utils.cpp_extension import load
+
+        build_dir = cache_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _module = load(name="ropekit_gemv_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                       extra_ldflags=LDFLAGS, build_directory=str(build_dir), verbose=verbose)
+    return _module
+
+
+def extension() -> ModuleType | None:
+    """The C++ module, or None (with one warning) when it cannot be built here."""
+    global _error
+    if _module is None and _error is None:
+        try:
+            build_extension()
+        except Exception as exc:  # a compiler, ninja or header problem: fall back to torch
+            _error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"ropekit: the C++ GEMV kernels could not be built, using torch ({_error[:500]})",
+                          RuntimeWarning, stacklevel=2)
+    return _module
+
+
+# ---- the pure-torch twins (the reference the C++ kernels are tested against) ----------------
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As the model's RMSNorm in float32: ``weight * (x * rsqrt(mean(x^2) + eps))``."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``w @ x`` in float32 (bfloat16 weights widened first: slow, but exact and simple)."""
+    return F.linear(x, w if w.dtype == torch.float32 else w.float())
+
+
+def gemv_torch(weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, accumulate: bool = False,
+               norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> None:
+    xn = x if norm_weight is None else _rms_norm(x, norm_weight, eps)
+    result = torch.cat([_matvec(w, xn) for w in weights]) if len(weights) > 1 else _matvec(weights[0], xn)
+    if accumulate:
+        y.add_(result)
+    else:
+        y.copy_(result)
+
+
+def gemv_swiglu_torch(w_gate: torch.Tensor, w_up: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> None:
+    xn = x if norm_weight is None else _rms_norm(x, norm_weight, eps)
+    y.copy_(F.silu(_matvec(w_gate, xn)) * _matvec(w_up, xn))
+
+
+def decode_attention_torch(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                           num_heads: int, out: torch.Tensor, scale: float) -> None:
+    Hkv, S_max, D = k_cache.shape
+    H = num_heads
+    if not 0 <= pos < S_max:
+        raise ValueError(f"decode_attention: slot {pos} outside the cache of {S_max} slots")
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D])
+    k_cache[:, pos] = k.view(Hkv, D)
+    v_cache[:, pos] = v.view(Hkv, D)
+    # One query per head: the G = H / Hkv query heads of a kv head act as G "tokens" that all
+    # see every key, so SDPA needs no mask and no repeated keys.
+    q = q.view(1, Hkv, H // Hkv, D)  # [1, Hkv, G, D]
+    keys, values = k_cache[None, :, : pos + 1], v_cache[None, :, : pos + 1]  # [1, Hkv, S, D]
+    att = F.scaled_dot_product_attention(q, keys, values, scale=scale)  # [1, Hkv, G, D]
+    out.copy_(att.reshape(H * D))
+
+
+TORCH_OPS = SimpleNamespace(name="torch", gemv=gemv_torch, gemv_swiglu=gemv_swiglu_torch,
+                            decode_attention=decode_attention_torch)
+
+
+def backend(name: str | None = None) -> SimpleNamespace:
+    """The kernels to use: ``name`` ("cpp" or "torch"), else ``$ROPEKIT_GEMV_BACKEND``, else the C++
+    extension when it builds here, else torch. Returns a namespace with ``name``, ``gemv``,
+    ``gemv_swiglu`` and ``decode_attention``.
+    """
+    wanted = name or os.environ.get(ENV_VAR) or None
+    if wanted is not None and wanted not in BACKENDS:
+        raise ValueError(f"unknown GEMV backend {wanted!r} (from {'argument' if name else ENV_VAR}); "
+                         f"known: {list(BACKENDS)}")
+    if wanted == "torch":
+        return TORCH_OPS
+    ext = extension()
+    if ext is None:
+        if wanted == "cpp":
+            raise RuntimeError(f"the ropekit C++ GEMV kernels are not available: {_error}")
+        return TORCH_OPS
+    return SimpleNamespace(name="cpp", gemv=ext.gemv, gemv_swiglu=ext.gemv_swiglu,
+                           decode_attention=ext.decode_attention)
+
+
+def main() -> None:
+    """Build ahead of time and say where."""
+    ext = build_extension(verbose="-v" in sys.argv)
+    print(f"ropekit C++ GEMV kernels ({ext.kernel_isa()}) ready in {cache_dir()}")
+
+
+if __name__ == "__main__":
+    main()
