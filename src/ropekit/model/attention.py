@@ -77,6 +77,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]`` with H a multiple of Hkv; mask ``[B, 1, T, S]`` bool.
     """
     groups = q.shape[1] // k.shape[1]
+    if groups > 1 and mask is None and not is_causal:
+        # Every query sees every key (decoding): fold each group's queries into one KV head's rows
+        # instead of copying K and V `groups` times (that copy grows with the cache, every step).
+        B, H, T, D = q.shape
+        grouped = q.reshape(B, k.shape[1], groups * T, D)  # [B, H, T, D] -> [B, Hkv, G*T, D]
+        return F.scaled_dot_product_attention(grouped, k, v).view(B, H, T, D)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # [B, Hkv, S, D] -> [B, H, S, D]
         v = v.repeat_interleave(groups, dim=1)
