@@ -23,7 +23,8 @@ DEMOS = {
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("demo", help="the tutorial's lessons as checked demos",
-                            description=__doc__.splitlines()[0])
+                            description="The seed tutorial's lessons as runnable, checked claims; "
+                                        "exit 1 if a claim fails.")
     demos = parser.add_subparsers(dest="demo", required=True, metavar="DEMO")
     for name, (_, help_text, _) in [*DEMOS.items(), ("all", (None, "run every demo in turn", True))]:
         demo = demos.add_parser(name, help=help_text, description=help_text)

@@ -180,7 +180,8 @@ def load_window(tokenizer, window: int, text_path: Path | None = None) -> torch.
         from ropekit.data import DEFAULT_TEXT
 
         text_path = DEFAULT_TEXT
-    ids = tokenizer.encode(Path(text_path).read_text(encoding="utf-8"))
+    text = Path(text_path).read_text(encoding="utf-8")
+    ids = tokenizer.encode(text[: 8 * window])  # English BPE: ~4 characters a token; skip the rest
     if len(ids) < window:
         raise ValueError(f"{text_path} has {len(ids)} tokens, fewer than the window {window}")
     return torch.tensor(ids[:window])
