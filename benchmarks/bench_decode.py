@@ -2,13 +2,15 @@
 
     python benchmarks/bench_decode.py [--model smollm2] [--prompt-tokens 1000] [--decode-prompt-tokens 32]
                                       [--new-tokens 128] [--repeats 3] [--threads 2]
-                                      [--engines plain,fast,fast-bf16,transformers] [--no-kernels]
+                                      [--engines plain,fast,fast-packed,fast-bf16,transformers]
+                                      [--no-kernels]
                                       [--out results/bench_decode.json]
 
 All engines run on the same GGUF weights in one process (transformers loads the file with
-``gguf_file=``), float32 unless the row says bfloat16. Repeats are interleaved (engine A, B, C,
-A, B, C, ...) after one warm-up each, so a change in machine load hits every engine alike; the
-table shows medians.
+``gguf_file=``), float32 unless the row says bfloat16. "fast" reads the model's own weight
+tensors; "fast (packed)" a copy of them in one huge-page buffer; "bf16" a bfloat16 copy (packed).
+Repeats are interleaved (engine A, B, C, A, B, C, ...) after one warm-up each, so a change in
+machine load hits every engine alike; the table shows medians.
 
 - prefill: one forward pass over ``--prompt-tokens`` tokens of the shipped evaluation text into
   a fresh cache, logits for the last position only (what generation does).
@@ -43,10 +45,11 @@ import torch
 import torch.nn.functional as F
 
 DEFAULTS = dict(model="smollm2", prompt_tokens=1000, decode_prompt_tokens=32, new_tokens=128, repeats=3,
-                threads=2, engines="plain,fast,fast-bf16,transformers")
+                threads=2, engines="plain,fast,fast-packed,fast-bf16,transformers")
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 ENGINE_LABELS = {"plain": "ropekit plain (fp32)", "fast": "ropekit fast (fp32)",
-                 "fast-bf16": "ropekit fast (bf16 weights)", "transformers": "transformers (fp32)"}
+                 "fast-packed": "ropekit fast (fp32, packed)", "fast-bf16": "ropekit fast (bf16 weights)",
+                 "transformers": "transformers (fp32)"}
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -198,6 +201,9 @@ def run(model: str, prompt_tokens: int, decode_prompt_tokens: int, new_tokens: i
     if "fast" in engines:
         fast = FastDecoder(ours, capacity)
         runners["fast"] = (run_fast, fast, fast.weight_bytes)
+    if "fast-packed" in engines:
+        packed = FastDecoder(ours, capacity, pack=True)
+        runners["fast-packed"] = (run_fast, packed, packed.weight_bytes)
     if "fast-bf16" in engines:
         fast16 = FastDecoder(ours, capacity, weight_dtype=torch.bfloat16)
         runners["fast-bf16"] = (run_fast, fast16, fast16.weight_bytes)

