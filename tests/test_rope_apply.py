@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from rope_reference import complex_rope, half_to_interleaved, naive_rope_half
 
 import ropekit
-from rope_reference import complex_rope, half_to_interleaved, naive_rope_half
 from ropekit import apply_rotary, rope_cos_sin
 
 

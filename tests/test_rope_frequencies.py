@@ -7,9 +7,9 @@ import random
 
 import pytest
 import torch
+from rope_reference import transformers_inv_freq
 
 import ropekit
-from rope_reference import transformers_inv_freq
 from ropekit.rope.frequencies import ntk_base
 
 HEAD_DIMS = [32, 48, 64, 80, 96, 128, 256]
@@ -68,7 +68,7 @@ def test_matches_transformers(rope_type: str, seed: int):
         theirs, their_factor = transformers_inv_freq(hf, seq_len=seq_len)
         assert ours.dtype == torch.float32
         torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0,
-                                   msg=lambda m: f"{hf} seq_len={seq_len}: {m}")
+                                   msg=lambda m, n=seq_len: f"{hf} seq_len={n}: {m}")
         assert math.isclose(ours_factor, float(their_factor), rel_tol=1e-12), (ours_factor, their_factor)
 
 
