@@ -20,8 +20,9 @@ machine load hits every engine alike; the table shows medians.
   memory traffic; the copy row of the kernel table is the machine's practical ceiling).
 
 The kernel table streams one token's worth of the real weight matrices through ``F.linear``,
-ropekit's GEMV (float32, bfloat16), a copy of the same bytes into preallocated buffers, and a
-read-only pass (the GEMV's own loop against a vector of ones).
+ropekit's GEMV (float32, bfloat16; on its own thread pool, and on OpenMP threads for comparison),
+a copy of the same bytes into preallocated buffers, and a read-only pass (the GEMV's own loop
+against a vector of ones).
 
 Page faults from fresh large allocations make timings swing; the script re-executes itself once
 with glibc's ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` set (so freed memory is reused)
@@ -165,10 +166,13 @@ def bench_kernels(model, repeats: int) -> dict:
     if ext is not None:
         bf16 = [t.bfloat16() for t in mats]
         rows["ropekit gemv (fp32)"] = (lambda: gemv_all(mats), nbytes)
+        rows["ropekit gemv (fp32, OpenMP)"] = (lambda: gemv_all(mats), nbytes)  # the A/B for the pool
         rows["ropekit gemv (bf16)"] = (lambda: gemv_all(bf16), nbytes // 2)
         rows["read only (fp32)"] = (lambda: [ext.stream_sum(w) for w in mats], nbytes)
     out = {}
     for name, (fn, size) in rows.items():
+        if ext is not None:
+            ext.set_threading("openmp" if "OpenMP" in name else "pool")
         seconds = _median_seconds(fn, repeats)
         out[name] = {"ms": seconds * 1e3, "bytes": size, "gb_s": size / seconds / 1e9}
         print(f"  kernel {name}: {seconds * 1e3:.1f} ms, {size / seconds / 1e9:.1f} GB/s", file=sys.stderr)
@@ -255,7 +259,8 @@ def _cpu_name() -> str:
 
 def print_table(report: dict) -> None:
     print(f"{report['machine']}; {report['threads']} threads; torch {report['torch']}; "
-          f"load average {report['load_average'][0]:.1f}; median of {report['repeats']}")
+          f"load average {report['load_average'][0]:.1f}; median of {report['repeats']}; "
+          f"peak RSS {report['peak_rss_mib']:.0f} MiB")
     if report["kernels"]:
         print("\none token's weight matrices, streamed once")
         header = f"{'kernel':<32}{'ms':>9}{'GB/s':>8}"

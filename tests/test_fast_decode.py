@@ -89,6 +89,30 @@ def test_decode_attention_matches_torch(heads, pos):
     assert_close(got, want, atol=1e-5, rtol=1e-5, what="decode_attention")
 
 
+@pytest.mark.parametrize("threading", ["pool", "openmp"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threading_gives_identical_results(threading, threads):
+    """Each row is summed by one thread in a fixed order: any split gives bit-identical output."""
+    cpp_or_skip()
+    ext, saved = G.extension(), torch.get_num_threads()
+    g = torch.Generator().manual_seed(threads)
+    weights = [torch.randn(5000, 576, generator=g)]  # ~90 chunks
+    x, want, got = torch.randn(576, generator=g), torch.empty(5000), torch.empty(5000)
+    torch.set_num_threads(1)
+    ext.gemv(weights, x, want)
+    try:
+        ext.set_threading(threading)
+        torch.set_num_threads(threads)
+        for _ in range(20):  # many jobs in a row: helpers that wake late must not disturb the next
+            ext.gemv(weights, x, got)
+            assert torch.equal(got, want)
+    finally:
+        ext.set_threading("pool")
+        torch.set_num_threads(saved)
+    with pytest.raises(RuntimeError, match="'pool' or 'openmp'"):
+        ext.set_threading("tbb")
+
+
 def test_gemv_rejects_bad_arguments():
     ext = cpp_or_skip()
     w, x, y = torch.randn(4, 8), torch.randn(8), torch.empty(4)

@@ -14,6 +14,9 @@ once (``backend()``) and never branch per call:
   into slot ``pos``, then one query per head attends to slots ``0..pos`` (grouped-query).
 
 Weights are float32 or bfloat16 ``[N, K]`` contiguous; vectors and caches are float32.
+The C++ kernels use ``torch.get_num_threads()`` threads of their own pool (the caller never waits
+for a helper the OS has not scheduled yet: robust on a shared machine); the extension's
+``set_threading("openmp")`` switches them to ``at::parallel_for`` for comparison.
 """
 
 from __future__ import annotations

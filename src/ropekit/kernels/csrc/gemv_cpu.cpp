@@ -2,9 +2,9 @@
 // single-query attention over a static KV cache.
 //
 // Decoding one token reads every weight once and does 2 flops per weight: it is bound by
-// memory bandwidth. Each kernel splits the output rows into one contiguous block per thread
-// (at::parallel_for), so every thread streams its own part of the weights front to back,
-// one row after the other (one sequential read stream per thread).
+// memory bandwidth. Each kernel cuts the output rows into ~128 KB chunks of weights that the
+// threads claim one at a time (see Pool); within a chunk a thread reads row after row, front to
+// back (one sequential read stream per thread).
 //
 // Weights: float32 or bfloat16, 2-D row-major contiguous [N, K]. Activations are float32
 // (bfloat16 weights are widened exactly to float32 and multiplied in float32).
@@ -14,14 +14,20 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+inline void cpu_relax() { _mm_pause(); }
+#else
+inline void cpu_relax() {}
 #endif
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -39,6 +45,115 @@ inline float bf16_to_float(uint16_t v) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
+}
+
+// ---- threads: a small pool whose caller never waits for a helper that has not started ---------
+// A decode step runs ~150 short parallel sections. With at::parallel_for (OpenMP) each one ends in
+// a barrier that waits for every thread, so on a shared machine a thread the OS has parked costs a
+// whole scheduler slice (measured: 2 threads 3x slower than 1 under load). Here the work is cut
+// into chunks that the caller and the helpers claim one at a time; the caller returns when every
+// chunk is done, and a helper that wakes late finds nothing left. On an idle machine both threads
+// take chunks and it is as fast as OpenMP.
+class Pool {
+ public:
+  static Pool& instance() {
+    static Pool* pool = new Pool();  // never destroyed: helpers are detached and outlive main()
+    return *pool;
+  }
+
+  // fn(c) for every chunk c in [0, n), on up to `threads` threads (the caller included).
+  template <typename F>
+  void run(int64_t n, int threads, const F& fn) {
+    if (n <= 0) return;
+    if (threads <= 1 || n == 1 || n > kMaxChunks) {
+      for (int64_t c = 0; c < n; ++c) fn(c);
+      return;
+    }
+    ensure_helpers(threads - 1);
+    call_.store(&invoke<F>, std::memory_order_relaxed);
+    ctx_.store(&fn, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (ticket_.load(std::memory_order_relaxed) >> 40) + 1;
+    ticket_.store(((gen & kGenMask) << 40) | (static_cast<uint64_t>(n) << 20), std::memory_order_release);
+    generation_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) generation_.notify_all();
+    work();
+    while (done_.load(std::memory_order_acquire) < n) cpu_relax();
+  }
+
+ private:
+  // ticket: generation (24 bits) | chunk count (20 bits) | next chunk (20 bits). A claim is a CAS
+  // on the whole word, so it fails if a newer job was published; a successful claim means the job
+  // is unfinished, so call_/ctx_ (written before the ticket) still describe it.
+  static constexpr uint64_t kGenMask = (uint64_t{1} << 24) - 1;
+  static constexpr int64_t kMaxChunks = (int64_t{1} << 20) - 1;
+  static constexpr auto kSpin = std::chrono::microseconds(200);  // then sleep on a futex
+
+  template <typename F>
+  static void invoke(const void* ctx, int64_t c) {
+    (*static_cast<const F*>(ctx))(c);
+  }
+
+  void work() {
+    for (;;) {
+      uint64_t t = ticket_.load(std::memory_order_acquire);
+      const int64_t n = static_cast<int64_t>((t >> 20) & kMaxChunks), c = static_cast<int64_t>(t & kMaxChunks);
+      if (c >= n) return;
+      auto call = call_.load(std::memory_order_relaxed);
+      const void* ctx = ctx_.load(std::memory_order_relaxed);
+      if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) continue;
+      call(ctx, c);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void helper_loop() {
+    uint32_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      auto start = std::chrono::steady_clock::now();
+      for (int i = 0; generation_.load(std::memory_order_acquire) == seen; ++i) {
+        cpu_relax();
+        if ((i & 255) == 255 && std::chrono::steady_clock::now() - start > kSpin) {
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          generation_.wait(seen, std::memory_order_seq_cst);
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+          start = std::chrono::steady_clock::now();
+        }
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      work();
+    }
+  }
+
+  void ensure_helpers(int wanted) {
+    while (static_cast<int>(helpers_.load(std::memory_order_relaxed)) < wanted) {
+      std::thread([this] { helper_loop(); }).detach();
+      helpers_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<uint32_t> generation_{0};
+  std::atomic<int> sleepers_{0}, helpers_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<void (*)(const void*, int64_t)> call_{nullptr};
+  std::atomic<const void*> ctx_{nullptr};
+};
+
+std::atomic<bool> g_use_pool{true};
+
+// fn(begin, end) over [0, total) in chunks of `grain`: on the pool, or with at::parallel_for.
+template <typename F>
+void parallel_chunks(int64_t total, int64_t grain, const F& fn) {
+  if (total <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int threads = at::get_num_threads();
+  if (!g_use_pool.load(std::memory_order_relaxed)) {
+    at::parallel_for(0, total, grain, fn);
+    return;
+  }
+  const int64_t chunks = (total + grain - 1) / grain;
+  Pool::instance().run(chunks, threads, [&](int64_t c) { fn(c * grain, std::min(total, (c + 1) * grain)); });
 }
 
 // ---- the dot product of one weight row with the input vector ------------------------------
@@ -178,8 +293,11 @@ const float* input_vector(const at::Tensor& x, const c10::optional<at::Tensor>& 
   return scratch.data();
 }
 
-// Rows per task: at least a few hundred KB of weights, so a fork is paid for.
-int64_t grain_rows(int64_t K) { return std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(K, 1)); }
+// Rows per chunk: ~128 KB of weights, long enough to amortize a claim (~0.1 us vs ~5 us of
+// streaming), short enough that a parked thread holds little work hostage.
+int64_t grain_rows(int64_t K, int64_t itemsize) {
+  return std::max<int64_t>(4, (int64_t{128} << 10) / std::max<int64_t>(K * itemsize, 1));
+}
 
 // ---- the exported operations -------------------------------------------------------------
 
@@ -202,7 +320,8 @@ void gemv(const std::vector<at::Tensor>& weights, const at::Tensor& x, const at:
               offsets.back(), " rows");
   float* yp = y.mutable_data_ptr<float>();
   TORCH_CHECK(yp + y.numel() <= xp || xp + K <= yp, what, ": y must not overlap x");
-  at::parallel_for(0, offsets.back(), grain_rows(K), [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_rows(K, weights[0].element_size());
+  parallel_chunks(offsets.back(), grain, [&](int64_t begin, int64_t end) {
     for (size_t m = 0; m < weights.size(); ++m) {
       const int64_t lo = std::max(begin, offsets[m]), hi = std::min(end, offsets[m + 1]);
       if (lo < hi) rows(weights[m], xp, yp + lo, lo - offsets[m], hi - offsets[m], accumulate);
@@ -223,7 +342,7 @@ void gemv_swiglu(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Ten
   check_vector(y, what, "y");
   TORCH_CHECK(y.numel() == N, what, ": y has ", y.numel(), " elements, need ", N);
   float* yp = y.mutable_data_ptr<float>();
-  at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+  parallel_chunks(N, grain_rows(2 * K, w_gate.element_size()), [&](int64_t begin, int64_t end) {
     constexpr int64_t kChunk = 64;  // gate and up rows of a chunk, then combine (stays in L1)
     float up[kChunk];
     for (int64_t lo = begin; lo < end; lo += kChunk) {
@@ -267,7 +386,7 @@ void decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache, const at
   }
   const int64_t S = pos + 1, groups = H / Hkv;
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, H, S * D >= 4096 ? 1 : H, [&](int64_t begin, int64_t end) {
+  parallel_chunks(H, S * D >= 4096 ? 1 : H, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S);
     for (int64_t h = begin; h < end; ++h) {
       const float* qh = q + h * D;
@@ -303,7 +422,7 @@ double stream_sum(const at::Tensor& w) {
   constexpr int64_t kChunk = 4096;
   const int64_t n = w.numel(), chunks = (n + kChunk - 1) / kChunk;
   std::vector<float> ones(kChunk, 1.0f), parts(chunks, 0.0f);
-  at::parallel_for(0, chunks, 64, [&](int64_t begin, int64_t end) {
+  parallel_chunks(chunks, 32, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       parts[c] = dot_row(p + c * kChunk, ones.data(), std::min(kChunk, n - c * kChunk));
     }
@@ -314,6 +433,12 @@ double stream_sum(const at::Tensor& w) {
 }
 
 std::string kernel_isa() { return kIsa; }
+
+// Which threading the kernels use: the pool (default) or at::parallel_for (for A/B runs).
+void set_threading(const std::string& name) {
+  TORCH_CHECK(name == "pool" || name == "openmp", "set_threading: 'pool' or 'openmp', got '", name, "'");
+  g_use_pool.store(name == "pool");
+}
 
 }  // namespace
 
@@ -327,4 +452,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"));
   m.def("stream_sum", &stream_sum, "sum of a float32 tensor (a read-bandwidth probe)", py::arg("w"));
   m.def("kernel_isa", &kernel_isa, "which vector path was compiled: avx512, avx2 or generic");
+  m.def("set_threading", &set_threading, "'pool' (default) or 'openmp' (at::parallel_for)", py::arg("name"));
 }
