@@ -64,6 +64,17 @@ def time_ropekit(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
     return prefill, stamps[-1] - stamps[0]
 
 
+def time_fast(fast, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens - 1 steps) for ropekit's FastDecoder, greedy."""
+    start = time.perf_counter()
+    token = int(fast.prefill(ids).argmax())
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        token = int(fast.step(token).argmax())
+    return prefill, time.perf_counter() - start
+
+
 def time_transformers(hf, ids: list[int], new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens - 1 steps) for transformers."""
     from transformers import DynamicCache
@@ -103,13 +114,13 @@ def load_transformers(path: Path):
 
 
 def print_table(report: dict) -> None:
-    header = f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>15}{'weights GB/s':>15}"
+    header = f"{'engine':<18}{'prefill tok/s':>15}{'decode tok/s':>15}{'weights GB/s':>15}"
     print(f"prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, {report['dtype']}, "
           f"{report['threads']} threads, median of {report['repeats']}")
     print(header)
     print("-" * len(header))
     for name, r in report["results"].items():
-        print(f"{name:<14}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>15.1f}{r['weights_gb_s']:>15.2f}")
+        print(f"{name:<18}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>15.1f}{r['weights_gb_s']:>15.2f}")
 
 
 def run(model: str, prompt_tokens: int, new_tokens: int, repeats: int, threads: int,
@@ -124,6 +135,13 @@ def run(model: str, prompt_tokens: int, new_tokens: int, repeats: int, threads: 
     results = {}
     if "ropekit" in engines:
         results["ropekit"] = measure("ropekit", time_ropekit, ours, ids, new_tokens, repeats, weight_bytes)
+    for name, dtype in (("ropekit-fast", torch.float32), ("ropekit-fast-bf16", torch.bfloat16)):
+        if name in engines:  # the FastDecoder rows (benchmarks/bench_decode.py has the details)
+            from ropekit.model.fast_decode import FastDecoder
+
+            fast = FastDecoder(ours, prompt_tokens + new_tokens, weight_dtype=dtype)
+            results[name] = measure(name, time_fast, fast, ids, new_tokens, repeats, fast.weight_bytes)
+            del fast
     del ours
     if "transformers" in engines:
         hf = load_transformers(path)
@@ -142,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"])
     parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"])
     parser.add_argument("--threads", type=int, default=DEFAULTS["threads"])
-    parser.add_argument("--engines", default="ropekit,transformers", help="comma-separated subset")
+    parser.add_argument("--engines", default="ropekit,ropekit-fast,ropekit-fast-bf16,transformers",
+                        help="comma-separated subset")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     report = run(args.model, args.prompt_tokens, args.new_tokens, args.repeats, args.threads,
