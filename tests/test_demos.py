@@ -243,6 +243,7 @@ def test_kv_cache_on_smollm2(smollm2):
 @pytest.mark.slow
 def test_token_nll_on_smollm2_matches_cross_entropy(smollm2):
     model, tokenizer = smollm2
+    assert model.config.rope == extrapolation.MODEL_ROPE == relative.MODEL_ROPE  # the demos' hard-coded rope
     ids = extrapolation.load_window(tokenizer, 300)
     with torch.no_grad():
         logits = model(ids[None])[0]
