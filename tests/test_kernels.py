@@ -197,6 +197,79 @@ def test_cpp_matches_reference_bit_for_bit(dtype, layout):
     assert torch.equal(got, want), f"max abs diff {(got.double() - want.double()).abs().max().item():.3g}"
 
 
+CPP_ONLY = pytest.mark.skipif(not cpu.supports(torch.zeros(1)), reason="the C++ CPU kernel did not build here")
+
+
+@pytest.fixture
+def stream_everything():
+    """Lower the C++ kernel's streaming-store threshold to 0 bytes: every out-of-place call streams."""
+    ext = build.cpu_extension()
+    old = ext.set_stream_threshold(0)
+    yield
+    ext.set_stream_threshold(old)
+
+
+def strided_out(x: torch.Tensor, offset: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A NaN buffer and an out view into it: each row starts ``offset`` elements in and rows are
+    ``D + pad`` apart, so rows land on every alignment (not only the 64-byte one of fresh tensors)."""
+    *lead, D = x.shape
+    buf = torch.full((*lead, D + pad), float("nan"), dtype=x.dtype)
+    return buf, buf[..., offset:offset + D]
+
+
+# (B, H, T, D, R): full and partial rotary, rows that are not a whole number of cache lines.
+STREAM_SHAPES = [(2, 3, 7, 128, 128), (1, 4, 5, 80, 80), (2, 2, 9, 96, 32), (1, 3, 4, 40, 24)]
+
+
+@CPP_ONLY
+@pytest.mark.parametrize("shape", STREAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads_first", [True, False])
+@pytest.mark.parametrize("offset,pad", [(0, 0), (1, 3), (3, 19)])
+def test_cpp_streaming_stores_match_reference_bit_for_bit(stream_everything, shape, layout, dtype, heads_first,
+                                                          offset, pad):
+    """Out of place (alloc and out= views at any alignment) through the streaming path: bit-identical,
+    nothing written outside the view; in place (never streamed) stays exact too."""
+    B, H, T, D, R = shape
+    x = make_x(B, H, T, D, dtype, heads_first)
+    cos, sin = tables(T, R // 2)
+    want = rotate_reference(x, cos, sin, layout=layout, heads_first=heads_first)
+    got = apply_rotary(x, cos, sin, layout=layout, heads_first=heads_first, backend="cpp")
+    assert torch.equal(got, want), "alloc"
+    buf, out = strided_out(x, offset, pad)
+    assert apply_rotary(x, cos, sin, layout=layout, heads_first=heads_first, out=out, backend="cpp") is out
+    assert torch.equal(out, want), f"out= view offset {offset} pad {pad}"
+    outside = torch.ones_like(buf, dtype=torch.bool)
+    outside[..., offset:offset + D] = False
+    assert bool(buf[outside].isnan().all()), "wrote outside the out view"
+    inplace = x.clone()
+    apply_rotary(inplace, cos, sin, layout=layout, heads_first=heads_first, out=inplace, backend="cpp")
+    assert torch.equal(inplace, want), "in place"
+
+
+@CPP_ONLY
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("heads_first", [True, False])
+def test_cpp_large_outputs_stream_at_the_default_threshold(dtype, layout, heads_first):
+    """Outputs past the default 4 MiB threshold (partial rotary, a misaligned out view, fused positions)."""
+    T, D, R = 1024, 128, 96
+    H = (5 << 20) // (T * D * dtype.itemsize) + 1  # > 5 MiB of output
+    x = make_x(1, H, T, D, dtype, heads_first)
+    cos, sin = tables(T, R // 2)
+    want = rotate_reference(x, cos, sin, layout=layout, heads_first=heads_first)
+    assert torch.equal(apply_rotary(x, cos, sin, layout=layout, heads_first=heads_first, backend="cpp"), want)
+    buf, out = strided_out(x, 1, 1)
+    apply_rotary(x, cos, sin, layout=layout, heads_first=heads_first, out=out, backend="cpp")
+    assert torch.equal(out, want), "misaligned out view"
+    assert bool(buf[..., 0].isnan().all()), "wrote outside the out view"
+    positions = torch.arange(T).flip(0)
+    got = apply_rotary_positions(x, cos.flip(0), sin.flip(0), positions, layout=layout, heads_first=heads_first,
+                                 backend="cpp")
+    assert torch.equal(got, want), "fused positions"
+
+
 def test_failed_build_warns_and_falls_back_to_torch(monkeypatch):
     def broken(verbose=False):
         raise RuntimeError("no compiler")

@@ -29,23 +29,27 @@ class BackendEntry:
 
 
 _BACKENDS: dict[str, BackendEntry] = {}
+# (name, entry) best first, kept sorted at registration: selection runs on every call (decode
+# steps included), so it walks this list and stops at the first backend that supports x.
+_ORDER: list[tuple[str, BackendEntry]] = []
 
 
 def register_backend(name: str, fn: Backend, supports: Callable[[torch.Tensor], bool] = lambda x: True,
                      priority: int = 0) -> None:
     """Add (or replace) a backend."""
     _BACKENDS[name] = BackendEntry(fn, supports, priority)
+    _ORDER[:] = sorted(_BACKENDS.items(), key=lambda item: -item[1].priority)
 
 
 def available_backends(x: torch.Tensor | None = None) -> list[str]:
     """Registered backends, best first; only those that support ``x`` when given."""
-    names = sorted(_BACKENDS, key=lambda n: -_BACKENDS[n].priority)
-    return [n for n in names if x is None or _BACKENDS[n].supports(x)]
+    return [n for n, entry in _ORDER if x is None or entry.supports(x)]
 
 
 def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
     """The backend to use for ``x``: the override if given (argument, then env var), else the best."""
-    _load_optional_kernels()
+    if not _loaded:
+        _load_optional_kernels()
     wanted = backend or os.environ.get(ENV_VAR) or None
     if wanted is not None:
         if wanted not in _BACKENDS:
@@ -54,7 +58,10 @@ def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
         if not _BACKENDS[wanted].supports(x):
             raise ValueError(f"rope backend {wanted!r} does not support a {x.dtype} tensor on {x.device}")
         return wanted
-    return available_backends(x)[0]
+    for name, entry in _ORDER:
+        if entry.supports(x):
+            return name
+    raise RuntimeError(f"no rope backend supports a {x.dtype} tensor on {x.device}; registered: {sorted(_BACKENDS)}")
 
 
 def rotary_dispatch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, layout: str, heads_first: bool,

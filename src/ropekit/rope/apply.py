@@ -87,22 +87,25 @@ class _Rotate(torch.autograd.Function):
 def check_apply_args(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, heads_first: bool,
                      out: torch.Tensor | None) -> None:
     """Raise ValueError for any input ``apply_rotary`` cannot rotate correctly."""
+    # Runs on every call (decode steps included): each shape is read once (a torch.Size each time).
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D [B,H,T,D] or [B,T,H,D], got shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"x must be a floating tensor, got {x.dtype}")
-    if cos.shape != sin.shape or cos.dim() not in (2, 3):
-        raise ValueError(f"cos and sin must share a shape (T, R/2) or (B, T, R/2), got {tuple(cos.shape)} "
+    x_shape, cos_shape = x.shape, cos.shape
+    if len(x_shape) != 4:
+        raise ValueError(f"x must be 4-D [B,H,T,D] or [B,T,H,D], got shape {tuple(x_shape)}")
+    x_dtype = x.dtype
+    if not x_dtype.is_floating_point:
+        raise ValueError(f"x must be a floating tensor, got {x_dtype}")
+    if cos_shape != sin.shape or len(cos_shape) not in (2, 3):
+        raise ValueError(f"cos and sin must share a shape (T, R/2) or (B, T, R/2), got {tuple(cos_shape)} "
                          f"and {tuple(sin.shape)}")
-    batch, seq = (x.shape[0], x.shape[2]) if heads_first else (x.shape[0], x.shape[1])
-    if cos.shape[-2] != seq or (cos.dim() == 3 and cos.shape[0] not in (1, batch)):
-        raise ValueError(f"cos/sin of shape {tuple(cos.shape)} do not match x of shape {tuple(x.shape)} "
+    batch, seq = x_shape[0], (x_shape[2] if heads_first else x_shape[1])
+    if cos_shape[-2] != seq or (len(cos_shape) == 3 and cos_shape[0] not in (1, batch)):
+        raise ValueError(f"cos/sin of shape {tuple(cos_shape)} do not match x of shape {tuple(x_shape)} "
                          f"(heads_first={heads_first}: T={seq}, B={batch})")
-    if 2 * cos.shape[-1] > x.shape[-1]:
-        raise ValueError(f"rotary dim 2*{cos.shape[-1]} exceeds the head dim {x.shape[-1]}")
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+    if 2 * cos_shape[-1] > x_shape[-1]:
+        raise ValueError(f"rotary dim 2*{cos_shape[-1]} exceeds the head dim {x_shape[-1]}")
+    if out is not None and (out.shape != x_shape or out.dtype != x_dtype):
         raise ValueError(f"out must match x's shape and dtype, got {tuple(out.shape)} {out.dtype}")
 
 

@@ -1,18 +1,24 @@
 // Fused rotary apply for CPU tensors: reads x once, writes once (in place or into out).
 //
 // x and out are 4-D with any strides on the first three dims and a contiguous last dim:
-// [B, H, T, D] (heads_first) or [B, T, H, D]. cos/sin are float32, contiguous, (Bc, N, R/2)
-// with Bc in {1, B}. Without positions, the table row of token t is t (N == T); with
+// [B, H, T, D] (heads_first) or [B, T, H, D]. cos/sin are float32, contiguous, (N, R/2) or
+// (Bc, N, R/2) with Bc in {1, B}. Without positions, the table row of token t is t (N == T); with
 // positions (Bp, T) int64, Bp in {1, B}, it is positions[b, t] (the gather fused in).
 // Pair i turns (a, b) -> (a cos - b sin, b cos + a sin) in float32 and is rounded once.
 // Built with -ffp-contract=off so each product is rounded as in torch's eager reference:
 // float32 results then match the reference bit for bit.
+//
+// Out of place with a large output (more than stream_threshold bytes, default 4 MiB: it would
+// not stay in cache anyway), each row is rotated into an L1-resident scratch row and written to
+// out with non-temporal (streaming) stores, as glibc's memcpy does for large copies: ordinary
+// stores would first read every destination line (read for ownership, ~1.5x the traffic).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -116,15 +122,60 @@ inline void rotate_row<_Float16>(const _Float16* src, _Float16* dst, const float
   if (dst != src && rot < dim) std::memcpy(dst + rot, src + rot, sizeof(_Float16) * (dim - rot));
 }
 
+// Copy n bytes to dst with non-temporal stores where dst is aligned to the vector width; the
+// unaligned head and tail (and everything on targets without SSE2) use ordinary stores. The
+// caller issues the store fence (_mm_sfence) once its whole chunk is written.
+inline void stream_bytes(const char* src, char* dst, size_t n) {
+#if defined(__AVX512F__)
+  constexpr size_t kVec = 64;
+#elif defined(__AVX2__)
+  constexpr size_t kVec = 32;
+#elif defined(__SSE2__)
+  constexpr size_t kVec = 16;
+#else
+  constexpr size_t kVec = 0;
+#endif
+  if constexpr (kVec == 0) {
+    std::memcpy(dst, src, n);
+  } else {
+    size_t head = (kVec - reinterpret_cast<uintptr_t>(dst) % kVec) % kVec;
+    if (head > n) head = n;
+    std::memcpy(dst, src, head);
+    size_t i = head;
+    for (; i + kVec <= n; i += kVec) {
+#if defined(__AVX512F__)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
+#elif defined(__AVX2__)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+#elif defined(__SSE2__)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+#endif
+    }
+    std::memcpy(dst + i, src + i, n - i);
+  }
+}
+
+inline void store_fence() {
+#ifdef __SSE2__
+  _mm_sfence();
+#endif
+}
+
+// Outputs larger than this many bytes take the streaming path (out of place only).
+std::atomic<int64_t> g_stream_threshold{int64_t{4} << 20};
+// Rows wider than this many bytes keep ordinary stores (the scratch row lives on the stack).
+constexpr int64_t kMaxStreamRowBytes = 16384;
+
 template <typename scalar_t>
 void rope_kernel(const at::Tensor& x, const at::Tensor& out, const at::Tensor& cos, const at::Tensor& sin,
                  const c10::optional<at::Tensor>& positions, bool interleaved, bool heads_first) {
   const int64_t B = x.size(0), S1 = x.size(1), S2 = x.size(2), D = x.size(3);
-  const int64_t half = cos.size(2), rows = cos.size(1);
+  const int64_t half = cos.size(-1), rows = cos.size(-2);
   const int64_t T = heads_first ? S2 : S1;
   const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
-  const int64_t table_batch_stride = cos.size(0) > 1 ? rows * half : 0;
+  const int64_t table_batch_stride = (cos.dim() == 3 && cos.size(0) > 1) ? rows * half : 0;
   const scalar_t* xp = static_cast<const scalar_t*>(x.const_data_ptr());
   scalar_t* op = static_cast<scalar_t*>(out.mutable_data_ptr());
   const float* cp = cos.const_data_ptr<float>();
@@ -133,9 +184,28 @@ void rope_kernel(const at::Tensor& x, const at::Tensor& out, const at::Tensor& c
   const int64_t pos_batch_stride = (positions && positions->size(0) > 1) ? T : 0;
 
   const int64_t n_rows = B * S1 * S2;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  const bool stream = op != xp && row_bytes <= kMaxStreamRowBytes &&
+                      n_rows * row_bytes > g_stream_threshold.load(std::memory_order_relaxed);
   // About 32K elements per task: big enough to amortize the fork, small enough to balance.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    if (stream) {
+      alignas(64) char scratch[kMaxStreamRowBytes];
+      scalar_t* buf = reinterpret_cast<scalar_t*>(scratch);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t i2 = r % S2, i1 = (r / S2) % S1, b = r / (S1 * S2);
+        const int64_t t = heads_first ? i2 : i1;
+        const int64_t row = pp ? pp[b * pos_batch_stride + t] : t;
+        const int64_t table_off = b * table_batch_stride + row * half;
+        // Rotation and pass-through channels into the scratch row, then one streamed write.
+        rotate_row<scalar_t>(xp + b * xs0 + i1 * xs1 + i2 * xs2, buf, cp + table_off, sp + table_off, half, D,
+                             interleaved);
+        stream_bytes(scratch, reinterpret_cast<char*>(op + b * os0 + i1 * os1 + i2 * os2), row_bytes);
+      }
+      store_fence();
+      return;
+    }
     for (int64_t r = begin; r < end; ++r) {
       const int64_t i2 = r % S2, i1 = (r / S2) % S1, b = r / (S1 * S2);
       const int64_t t = heads_first ? i2 : i1;
@@ -153,10 +223,10 @@ void rope_apply(const at::Tensor& x, const at::Tensor& out, const at::Tensor& co
   TORCH_CHECK(x.dim() == 4 && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
               "rope_cpu: x and out must be 4-D with the same shape and dtype");
   TORCH_CHECK(x.size(3) <= 1 || (x.stride(3) == 1 && out.stride(3) == 1), "rope_cpu: last dim must be contiguous");
-  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.is_contiguous() && sin.is_contiguous() &&
-                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
-              "rope_cpu: cos/sin must be contiguous float32 (Bc, N, R/2)");
-  TORCH_CHECK(2 * cos.size(2) <= x.size(3), "rope_cpu: rotary dim exceeds head dim");
+  TORCH_CHECK((cos.dim() == 2 || cos.dim() == 3) && cos.sizes() == sin.sizes() && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "rope_cpu: cos/sin must be contiguous float32 (N, R/2) or (Bc, N, R/2)");
+  TORCH_CHECK(2 * cos.size(-1) <= x.size(3), "rope_cpu: rotary dim exceeds head dim");
   if (positions) {
     TORCH_CHECK(positions->dim() == 2 && positions->is_contiguous() && positions->scalar_type() == at::kLong,
                 "rope_cpu: positions must be contiguous int64 (Bp, T)");
@@ -170,9 +240,15 @@ void rope_apply(const at::Tensor& x, const at::Tensor& out, const at::Tensor& co
   }
 }
 
+// Sets the output size (bytes) above which out-of-place calls stream; returns the previous one.
+int64_t set_stream_threshold(int64_t bytes) { return g_stream_threshold.exchange(bytes); }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_apply", &rope_apply, "Fused rotary apply (CPU)", py::arg("x"), py::arg("out"), py::arg("cos"),
         py::arg("sin"), py::arg("positions"), py::arg("interleaved"), py::arg("heads_first"));
+  m.def("set_stream_threshold", &set_stream_threshold,
+        "Output bytes above which out-of-place calls use streaming stores; returns the previous value",
+        py::arg("bytes"));
 }
