@@ -15,20 +15,28 @@ from pathlib import Path
 
 from ropekit.cli.eval import DEFAULT_MODEL, command_line
 
-# Methods at scale s (the target length is s x the trained length L); {s} is the factor and
-# {g} a Self-Extend group size whose reach (L - W) * G + W covers s * L.
-QUICK_METHODS = ("none", "yarn:factor={s}", "self-extend:group={g},window=1024")
+# Methods at scale s (the target length is s x the trained length L); {s} is the factor, {w}
+# the Self-Extend window (1024, or L/4 for small models) and {g} a group size whose reach
+# (L - W) * G + W covers s * L.
+QUICK_METHODS = ("none", "yarn:factor={s}", "self-extend:group={g},window={w}")
 FULL_METHODS = ("none", "linear:factor={s}", "dynamic:factor={s}", "yarn:factor={s}",
-                "self-extend:group={g},window=1024", "leaky-rerope:window=2048,k={k}",
-                "yarn:factor={s2}+self-extend:group={g2},window=1024")
+                "self-extend:group={g},window={w}", "leaky-rerope:window={w2},k={k}",
+                "yarn:factor={s2}+self-extend:group={g2},window={w}")
 QUICK_SCALES = (2,)
 FULL_SCALES = (2, 4, 8)
 QUICK_PASSKEY = {"lengths": (12000,), "depths": (0.5,), "trials": 1}
 FULL_PASSKEY = {"depths": (0.1, 0.3, 0.5, 0.7, 0.9), "trials": 2}
 
 
-def self_extend_group(target: int, trained: int, window: int = 1024) -> int:
-    """The smallest power-of-two group G with (trained - window) * G + window >= target, at least 2."""
+def self_extend_window(trained: int) -> int:
+    return min(1024, max(1, trained // 4))
+
+
+def self_extend_group(target: int, trained: int, window: int | None = None) -> int:
+    """The smallest power-of-two group G >= 2 with (trained - window) * G + window >= target."""
+    window = self_extend_window(trained) if window is None else window
+    if window >= trained:
+        raise ValueError(f"self-extend window {window} must be below the trained length {trained}")
     g = 2
     while (trained - window) * g + window < target:
         g *= 2
@@ -36,8 +44,10 @@ def self_extend_group(target: int, trained: int, window: int = 1024) -> int:
 
 
 def methods_at(templates, scale: int, trained: int) -> list[str]:
-    g = self_extend_group(scale * trained, trained)
-    return [t.format(s=scale, g=g, k=4 * scale, s2=max(2, scale // 2), g2=max(2, g // 2)) for t in templates]
+    w = self_extend_window(trained)
+    g = self_extend_group(scale * trained, trained, w)
+    return [t.format(s=scale, g=g, w=w, w2=2 * w, k=4 * scale, s2=max(2, scale // 2), g2=max(2, g // 2))
+            for t in templates]
 
 
 def add_parsers(subparsers) -> None:
