@@ -71,6 +71,8 @@ def plot_perplexity(records: Sequence[dict], path: str | os.PathLike, trained: i
     """PNG: perplexity against context length (left) and against position at the longest length
     (right, per segment), one line per method."""
     plt = _pyplot()
+    from matplotlib import ticker
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     longest = max(r["length"] for r in records)
     for method in _methods(records):
@@ -85,6 +87,8 @@ def plot_perplexity(records: Sequence[dict], path: str | os.PathLike, trained: i
         if trained:
             ax.axvline(trained, color="grey", linestyle="--", linewidth=1, label="trained length")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
         ax.grid(True, which="both", alpha=0.3)
     ax1.set(xlabel="context length (tokens)", ylabel="perplexity (all scored tokens)",
             title="Perplexity vs context length")
