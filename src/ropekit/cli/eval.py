@@ -23,7 +23,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="TYPE[:key=value,...][+TYPE...], repeatable, e.g. none, yarn:factor=2, "
                         "self-extend:group=8,window=1024, yarn:factor=2+self-extend:group=4,window=1024 "
                         "(default: none)")
-    p.add_argument("--lengths", required=False, help="comma-separated context lengths in tokens")
+    p.add_argument("--lengths", required=False,
+                   help="comma-separated context lengths in tokens (default 4096,8192)")
     p.add_argument("--out", default=None, help="output folder (results.json, results.csv, plots, report.md)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
