@@ -275,9 +275,9 @@ def test_failed_build_warns_and_falls_back_to_torch(monkeypatch):
         raise RuntimeError("no compiler")
 
     monkeypatch.delenv("TRITON_INTERPRET")  # else the interpreted Triton kernel would take CPU tensors
-    monkeypatch.setattr(build, "_module", None)
-    monkeypatch.setattr(build, "_error", None)
-    monkeypatch.setattr(build, "build_cpu_extension", broken)
+    extension = build.JitExtension("ropekit_rope_cpu", build.SOURCE, "C++ rotary kernel")
+    monkeypatch.setattr(extension, "build", broken)
+    monkeypatch.setattr(build, "ROPE_EXTENSION", extension)
     with pytest.warns(RuntimeWarning, match="could not be built"):
         assert not cpu.supports(torch.zeros(1))
     assert select_backend(torch.zeros(1, 1, 1, 4)) == "torch"

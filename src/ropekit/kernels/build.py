@@ -26,10 +26,6 @@ CACHE_ENV = "ROPEKIT_CACHE"
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
-_module: ModuleType | None = None
-_error: str | None = None
-
-
 def _cpu_signature() -> str:
     """Model name and feature flags of this CPU: a -march=native binary is only valid on its kind."""
     try:
@@ -40,44 +36,61 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def cache_dir() -> Path:
-    """Where this build lives: keyed by source, torch, flags and CPU."""
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ropekit" / "ext")
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, sys.version, " ".join(CFLAGS),
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
-    return root / f"rope_cpu_{key}"
+class JitExtension:
+    """One C++ source compiled just in time into the shared cache, loaded once per process."""
+
+    def __init__(self, name: str, source: Path, what: str):
+        self.name, self.source, self.what = name, source, what
+        self.module: ModuleType | None = None
+        self.error: str | None = None
+
+    def cache_dir(self) -> Path:
+        """Where this build lives: keyed by source, torch, Python, flags and CPU."""
+        root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ropekit" / "ext")
+        key = hashlib.sha256("\n".join([self.source.read_text(), torch.__version__, sys.version, " ".join(CFLAGS),
+                                        _cpu_signature()]).encode()).hexdigest()[:16]
+        return root / f"{self.source.stem}_{key}"
+
+    def build(self, verbose: bool = False) -> ModuleType:
+        """Compile (first call) or load (later calls); raises if the compiler fails."""
+        if self.module is None:
+            from torch.utils.cpp_extension import load
+
+            build_dir = self.cache_dir()
+            build_dir.mkdir(parents=True, exist_ok=True)
+            self.module = load(name=self.name, sources=[str(self.source)], extra_cflags=CFLAGS,
+                               extra_ldflags=LDFLAGS, build_directory=str(build_dir), verbose=verbose)
+        return self.module
+
+    def get(self) -> ModuleType | None:
+        """The module, or None (with one warning) when it cannot be built here."""
+        if self.module is None and self.error is None:
+            try:
+                self.build()
+            except Exception as exc:  # a compiler, ninja or header problem: callers fall back to torch
+                self.error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"ropekit: the {self.what} could not be built, using torch ({self.error[:500]})",
+                              RuntimeWarning, stacklevel=3)
+        return self.module
+
+
+ROPE_EXTENSION = JitExtension("ropekit_rope_cpu", SOURCE, "C++ rotary kernel")
 
 
 def build_cpu_extension(verbose: bool = False) -> ModuleType:
-    """Compile (first call) or load (later calls) the C++ kernel; raises if the compiler fails."""
-    global _module
-    if _module is None:
-        from torch.utils.cpp_extension import load
-
-        build_dir = cache_dir()
-        build_dir.mkdir(parents=True, exist_ok=True)
-        _module = load(name="ropekit_rope_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                       extra_ldflags=LDFLAGS, build_directory=str(build_dir), verbose=verbose)
-    return _module
+    """Compile or load the C++ rotary kernel; raises if the compiler fails."""
+    return ROPE_EXTENSION.build(verbose)
 
 
 def cpu_extension() -> ModuleType | None:
-    """The kernel module, or None (with one warning) when it cannot be built here."""
-    global _error
-    if _module is None and _error is None:
-        try:
-            build_cpu_extension()
-        except Exception as exc:  # a compiler, ninja or header problem: fall back to torch
-            _error = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"ropekit: the C++ rotary kernel could not be built, using the torch backend "
-                          f"({_error[:500]})", RuntimeWarning, stacklevel=2)
-    return _module
+    """The rotary kernel module, or None (with one warning) when it cannot be built here."""
+    return ROPE_EXTENSION.get()
 
 
 def main() -> None:
     """Build ahead of time and say where."""
     build_cpu_extension(verbose="-v" in sys.argv)
-    print(f"ropekit C++ rotary kernel ready in {cache_dir()}")
+    print(f"ropekit C++ rotary kernel ready in {ROPE_EXTENSION.cache_dir()}")
 
 
 if __name__ == "__main__":

@@ -21,58 +21,26 @@ for a helper the OS has not scheduled yet: robust on a shared machine); the exte
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import warnings
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from ropekit.kernels.build import CACHE_ENV, CFLAGS, LDFLAGS, _cpu_signature
+from ropekit.kernels.build import JitExtension
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_cpu.cpp"
 ENV_VAR = "ROPEKIT_GEMV_BACKEND"
 BACKENDS = ("cpp", "torch")
 
-_module: ModuleType | None = None
-_error: str | None = None
-
-
-def cache_dir() -> Path:
-    """Where this build lives: keyed by source, torch, flags and CPU (as the rotary kernel's)."""
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ropekit" / "ext")
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, sys.version, " ".join(CFLAGS),
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
-    return root / f"gemv_cpu_{key}"
-
-
-def build_extension(verbose: bool = False) -> ModuleType:
-    """Compile (first call) or load (later calls) the C++ kernels; raises if the compiler fails."""
-    global _module
-    if _module is None:
-        from torch.utils.cpp_extension import load
-
-        build_dir = cache_dir()
-        build_dir.mkdir(parents=True, exist_ok=True)
-        _module = load(name="ropekit_gemv_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                       extra_ldflags=LDFLAGS, build_directory=str(build_dir), verbose=verbose)
-    return _module
+GEMV_EXTENSION = JitExtension("ropekit_gemv_cpu", SOURCE, "C++ GEMV kernels")
 
 
 def extension() -> ModuleType | None:
     """The C++ module, or None (with one warning) when it cannot be built here."""
-    global _error
-    if _module is None and _error is None:
-        try:
-            build_extension()
-        except Exception as exc:  # a compiler, ninja or header problem: fall back to torch
-            _error = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"ropekit: the C++ GEMV kernels could not be built, using torch ({_error[:500]})",
-                          RuntimeWarning, stacklevel=2)
-    return _module
+    return GEMV_EXTENSION.get()
 
 
 # ---- the pure-torch twins (the reference the C++ kernels are tested against) ----------------
@@ -139,7 +107,7 @@ def backend(name: str | None = None) -> SimpleNamespace:
     ext = extension()
     if ext is None:
         if wanted == "cpp":
-            raise RuntimeError(f"the ropekit C++ GEMV kernels are not available: {_error}")
+            raise RuntimeError(f"the ropekit C++ GEMV kernels are not available: {GEMV_EXTENSION.error}")
         return TORCH_OPS
     return SimpleNamespace(name="cpp", gemv=ext.gemv, gemv_swiglu=ext.gemv_swiglu,
                            decode_attention=ext.decode_attention)
@@ -147,8 +115,8 @@ def backend(name: str | None = None) -> SimpleNamespace:
 
 def main() -> None:
     """Build ahead of time and say where."""
-    ext = build_extension(verbose="-v" in sys.argv)
-    print(f"ropekit C++ GEMV kernels ({ext.kernel_isa()}) ready in {cache_dir()}")
+    ext = GEMV_EXTENSION.build(verbose="-v" in sys.argv)
+    print(f"ropekit C++ GEMV kernels ({ext.kernel_isa()}) ready in {GEMV_EXTENSION.cache_dir()}")
 
 
 if __name__ == "__main__":
