@@ -20,6 +20,11 @@ def add_parsers(subparsers) -> None:
     gen.add_argument("--top-k", type=int, default=None, metavar="K")
     gen.add_argument("--top-p", type=float, default=None, metavar="P")
     gen.add_argument("--seed", type=int, default=None, metavar="S")
+    gen.add_argument("--method", default=None, metavar="SPEC",
+                     help="context-extension method, as in 'ropekit eval': e.g. yarn:factor=2, "
+                          "self-extend:group=4,window=1024, yarn:factor=2+self-extend:group=4,window=1024")
+    gen.add_argument("--no-fast", action="store_true",
+                     help="decode with the model's own cached forward instead of the fast decode loop")
     gen.set_defaults(func=run_generate)
 
     info = subparsers.add_parser("info", help="print a model's architecture and rope parameters")
@@ -65,16 +70,23 @@ def _load(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from ropekit.model.extend.spec import apply_method, parse_method
     from ropekit.model.generate import generate
 
+    method = parse_method(args.method) if args.method else None  # bad SPECs fail before loading
+    if method is not None and args.rope is not None:
+        raise ValueError("give either --method SPEC or --rope TYPE, not both")
     model, tokenizer = _load(args)
+    if method is not None:
+        apply_method(model, method)
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             seed=args.seed, top_k=args.top_k, top_p=args.top_p, stream=write, chat=args.chat)
+             seed=args.seed, top_k=args.top_k, top_p=args.top_p, stream=write, chat=args.chat,
+             fast=not args.no_fast)
     sys.stdout.write("\n")
     return 0
 
