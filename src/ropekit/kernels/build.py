@@ -58,6 +58,9 @@ class JitExtension:
 
             build_dir = self.cache_dir()
             build_dir.mkdir(parents=True, exist_ok=True)
+            if not any(build_dir.glob("*.so")):
+                print(f"ropekit: compiling the {self.what} once into {build_dir} (about a minute)...",
+                      file=sys.stderr, flush=True)
             self.module = load(name=self.name, sources=[str(self.source)], extra_cflags=CFLAGS,
                                extra_ldflags=LDFLAGS, build_directory=str(build_dir), verbose=verbose)
         return self.module
