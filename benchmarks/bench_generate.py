@@ -60,7 +60,7 @@ def time_ropekit(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
         start = time.perf_counter()
         model(x, cache=cache, logits_to_keep=1)
         prefill = time.perf_counter() - start
-    stamps = [time.perf_counter() for _ in generate_ids(model, [ids], max_new_tokens=new_tokens)]
+    stamps = [time.perf_counter() for _ in generate_ids(model, [ids], max_new_tokens=new_tokens, fast=False)]
     return prefill, stamps[-1] - stamps[0]
 
 
