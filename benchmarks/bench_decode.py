@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_generate import _Timestamps, load_transformers, prompt_ids  # same folder: shared helpers
 
 DEFAULTS = dict(model="smollm2", prompt_tokens=1000, decode_prompt_tokens=32, new_tokens=128, repeats=3,
                 threads=2, engines="plain,fast,fast-packed,fast-bf16,transformers")
@@ -51,16 +52,6 @@ MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 ENGINE_LABELS = {"plain": "ropekit plain (fp32)", "fast": "ropekit fast (fp32)",
                  "fast-packed": "ropekit fast (fp32, packed)", "fast-bf16": "ropekit fast (bf16 weights)",
                  "transformers": "transformers (fp32)"}
-
-
-def prompt_ids(tokenizer, n: int) -> list[int]:
-    """The first ``n`` tokens of the shipped evaluation text."""
-    from ropekit.data import DEFAULT_TEXT
-
-    ids = tokenizer.encode(Path(DEFAULT_TEXT).read_text(encoding="utf-8"))
-    if len(ids) < n:
-        raise ValueError(f"the evaluation text has only {len(ids)} tokens, fewer than {n}")
-    return ids[:n]
 
 
 # ---- one timed run per engine: (prefill seconds, decode seconds for new_tokens - 1 steps) -------
@@ -74,7 +65,7 @@ def run_plain(model, prefill_ids: list[int], decode_ids: list[int], new_tokens: 
         start = time.perf_counter()
         model(torch.tensor([prefill_ids]), cache=cache, logits_to_keep=1)
         prefill = time.perf_counter() - start
-    stamps = [time.perf_counter() for _ in generate_ids(model, [decode_ids], max_new_tokens=new_tokens)]
+    stamps = [time.perf_counter() for _ in generate_ids(model, [decode_ids], max_new_tokens=new_tokens, fast=False)]
     return prefill, stamps[-1] - stamps[0]
 
 
@@ -88,19 +79,6 @@ def run_fast(fast, prefill_ids: list[int], decode_ids: list[int], new_tokens: in
     for _ in range(new_tokens - 1):
         token = int(fast.step(token).argmax())
     return prefill, time.perf_counter() - start
-
-
-class _Timestamps:
-    """A transformers streamer that records when each new token arrives (the first put is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
 
 
 def run_transformers(hf, prefill_ids: list[int], decode_ids: list[int],
@@ -118,13 +96,6 @@ def run_transformers(hf, prefill_ids: list[int], decode_ids: list[int],
                     min_new_tokens=new_tokens, do_sample=False, streamer=streamer)
     stamps = streamer.times[1:]  # drop the prompt's put
     return prefill, stamps[-1] - stamps[0]
-
-
-def load_transformers(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return hf.eval()
 
 
 # ---- the kernel table: one token's matrices through each matvec, and a copy of the same bytes --
