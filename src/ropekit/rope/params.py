@@ -171,10 +171,9 @@ YARN_KEYS = {"factor", "original_max_position_embeddings", "beta_fast", "beta_sl
 
 
 @dataclass(frozen=True)
-class YarnParams(MethodParams):
-    """YaRN (Peng et al. 2023, Sec. 3.4): NTK-by-parts ramp plus attention temperature."""
+class YarnRampParams(MethodParams):
+    """The fields YaRN and dynamic YaRN share: the trained length, the ramp and the temperature."""
 
-    factor: float = 1.0
     original_max_position_embeddings: int = 0
     beta_fast: float = 32.0
     beta_slow: float = 1.0
@@ -182,6 +181,13 @@ class YarnParams(MethodParams):
     attention_factor: float | None = None
     mscale: float | None = None
     mscale_all_dim: float | None = None
+
+
+@dataclass(frozen=True)
+class YarnParams(YarnRampParams):
+    """YaRN (Peng et al. 2023, Sec. 3.4): NTK-by-parts ramp plus attention temperature."""
+
+    factor: float = 1.0
 
     @classmethod
     def parse(cls, raw: dict, context: dict) -> YarnParams:
@@ -195,16 +201,8 @@ class YarnParams(MethodParams):
 
 
 @dataclass(frozen=True)
-class DynamicYarnParams(MethodParams):
+class DynamicYarnParams(YarnRampParams):
     """YaRN whose factor follows the sequence: s = max(1, seq_len / original length)."""
-
-    original_max_position_embeddings: int = 0
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    truncate: bool = True
-    attention_factor: float | None = None
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
 
     @classmethod
     def parse(cls, raw: dict, context: dict) -> DynamicYarnParams:
