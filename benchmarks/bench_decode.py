@@ -32,7 +32,6 @@ unless they are already set.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_generate import _Timestamps, load_transformers, prompt_ids  # same folder: shared helpers
+from bench_generate import _Timestamps, load_transformers, prompt_ids, write_json  # same folder: shared helpers
 
 DEFAULTS = dict(model="smollm2", prompt_tokens=1000, decode_prompt_tokens=32, new_tokens=128, repeats=3,
                 threads=2, engines="plain,fast,fast-packed,fast-bf16,transformers")
@@ -268,9 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.model, args.prompt_tokens, args.decode_prompt_tokens, args.new_tokens, args.repeats,
                  args.threads, tuple(args.engines.split(",")), kernels=not args.no_kernels)
     print_table(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+    write_json(report, args.out)
     return 0
 
 

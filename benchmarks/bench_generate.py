@@ -113,6 +113,13 @@ def load_transformers(path: Path):
     return hf.eval()
 
 
+def write_json(report: dict, path: Path | None) -> None:
+    """Write the report as JSON to ``path`` (nothing when None)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+
+
 def print_table(report: dict) -> None:
     header = f"{'engine':<18}{'prefill tok/s':>15}{'decode tok/s':>15}{'weights GB/s':>15}"
     print(f"prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, {report['dtype']}, "
@@ -167,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.model, args.prompt_tokens, args.new_tokens, args.repeats, args.threads,
                  tuple(args.engines.split(",")))
     print_table(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+    write_json(report, args.out)
     return 0
 
 

@@ -102,10 +102,12 @@ class LinearParams(MethodParams):
 
     factor: float = 1.0
 
+    FACTOR_DEFAULT = None  # required
+
     @classmethod
     def parse(cls, raw: dict, context: dict) -> LinearParams:
         warn_unknown_keys(context["rope_type"], raw, {"factor"})
-        return cls(factor=parse_factor(raw))
+        return cls(factor=parse_factor(raw, default=cls.FACTOR_DEFAULT))
 
 
 @dataclass(frozen=True)
@@ -268,12 +270,10 @@ class Llama3Params(MethodParams):
 
 
 @dataclass(frozen=True)
-class ProportionalParams(MethodParams):
-    """Proportional RoPE (transformers, Gemma 4): partial rotation with full-dim frequencies."""
+class ProportionalParams(LinearParams):
+    """Proportional RoPE (transformers, Gemma 4): partial rotation with full-dim frequencies.
 
-    factor: float = 1.0
+    Same single ``factor`` as linear, but optional (default 1).
+    """
 
-    @classmethod
-    def parse(cls, raw: dict, context: dict) -> ProportionalParams:
-        warn_unknown_keys(context["rope_type"], raw, {"factor"})
-        return cls(factor=parse_factor(raw, default=1.0))
+    FACTOR_DEFAULT = 1.0
