@@ -248,17 +248,26 @@ def test_cli_eval_passkey_contract(tiny_folder, tmp_path):
     assert (out / "passkey.png").stat().st_size > 0
 
 
-def test_cli_compare_runs_end_to_end(tiny_folder, tmp_path):
+@pytest.mark.parametrize("flags, passkey_cells", [([], 0), (["--passkey"], 3), (["--passkey", "--no-passkey"], 0)])
+def test_cli_compare_runs_end_to_end(tiny_folder, tmp_path, monkeypatch, flags, passkey_cells):
+    """The quick default is perplexity only (about 5 minutes on SmolLM2); --passkey adds one cell per method."""
+    import ropekit.cli.compare
     from ropekit.cli import main
+
+    monkeypatch.setattr(ropekit.cli.compare, "QUICK_PASSKEY_RATIO", 5.0)  # 320 tokens: the tiny model's prompt
 
     text = tmp_path / "text.txt"
     text.write_text("It is a truth universally acknowledged. " * 20)
     out = tmp_path / "cmp"
     assert main(["compare", "--model", str(tiny_folder), "--text", str(text), "--out", str(out),
-                 "--no-passkey", "--no-progress"]) == 0
+                 "--no-progress", *flags]) == 0
     records = json.loads((out / "results.json").read_text())
-    assert [r["length"] for r in records] == [128] * 3
+    ppl = [r for r in records if "ppl" in r]
+    keys = [r for r in records if "accuracy" in r]
+    assert [r["length"] for r in ppl] == [128] * 3
+    assert len(keys) == passkey_cells and all(r["length"] == 320 for r in keys)
     assert "| method |" in (out / "report.md").read_text()
+    assert (out / "passkey.png").exists() == (passkey_cells > 0)
 
 
 @pytest.mark.parametrize("argv", [
