@@ -66,6 +66,30 @@ def test_tiny_gguf_loads_exactly(tmp_path):
     assert tokenizer.encode("<|im_end|>") == [2]
 
 
+def test_loaded_weights_share_one_arena_in_forward_order(tmp_path):
+    """load_model puts the weights in one huge-page buffer (arena.py), laid out in the order the
+    forward reads them, tied head still tied, values bit-identical (the test above checks logits)."""
+    model = tiny_model()
+    loaded, _ = load_model(write_gguf(tmp_path / "tiny.gguf", model))
+    params = [p for p in loaded.parameters()]  # tied lm_head appears once
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    assert len(storages) == 1, f"{len(storages)} storages"
+    starts = [p.data_ptr() for p in params]
+    assert starts == sorted(starts) and all(s % 64 == 0 for s in starts)
+    assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == loaded.config.tie_word_embeddings
+    for name, p in loaded.named_parameters():
+        torch.testing.assert_close(p, model.get_parameter(name), atol=0, rtol=0, msg=name)
+
+
+def test_huge_page_copies_rejects_mixed_dtypes():
+    from ropekit.model.arena import huge_page_copies
+
+    with pytest.raises(ValueError, match="one dtype"):
+        huge_page_copies([torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)])
+    (copy,), _ = huge_page_copies([torch.arange(5.0)], torch.bfloat16)
+    assert copy.dtype == torch.bfloat16 and copy.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
 @pytest.mark.parametrize("qtype, atol", [("F16", 1e-3), ("BF16", 2e-3), ("Q8_0", 3e-3), ("Q4_0", 6e-2),
                                          ("Q4_1", 4e-2), ("Q5_0", 3e-2)])
 def test_tiny_gguf_dequantizes_each_type(tmp_path, qtype, atol):
