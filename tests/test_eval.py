@@ -96,6 +96,26 @@ def test_sliding_perplexity_equals_direct_windows(model):
     assert r["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
+def test_sliding_reference_scores_the_text_after_the_trained_length(model):
+    """ppl_text_beyond of a sliding run at the trained length = the mean NLL of text tokens >= trained,
+    each scored in its own window; segments are by text index in the sliding protocol."""
+    ids, L, S, trained = tokens(96, seed=5), 32, 16, 32
+    r = pp.evaluate_perplexity(model, ids, L, trained=trained, protocol="sliding", stride=S, segment=32)
+    by_token = {}
+    for begin in range(0, 96 - L + 1, S):  # windows [0,32), [16,48), ...: token j scored once, first time seen
+        nll = direct_nll(model, ids[begin:begin + L])  # entry w-1: token begin+w
+        for w in range(1, L):
+            by_token.setdefault(begin + w, float(nll[w - 1]))
+    beyond = [v for j, v in by_token.items() if j >= trained]
+    assert r["ppl_beyond"] is None and r["segments_by"] == "text"
+    assert r["ppl_text_beyond"] == pytest.approx(math.exp(sum(beyond) / len(beyond)), rel=1e-5)
+    seg2 = [v for j, v in by_token.items() if 64 <= j < 96]
+    assert r["segments"][2]["start"] == 64 and r["segments"][2]["tokens"] == len(seg2) == 32
+    assert r["segments"][2]["ppl"] == pytest.approx(math.exp(sum(seg2) / 32), rel=1e-5)
+    single = pp.evaluate_perplexity(model, ids[:64], 64, trained=trained)
+    assert single["ppl_text_beyond"] == pytest.approx(single["ppl_beyond"], rel=1e-12)
+
+
 @pytest.mark.parametrize("args", [(100, 1, "single"), (100, 64, "single", None, 2), (100, 32, "nope"),
                                   (100, 32, "sliding", 0), (100, 32, "sliding", 33)])
 def test_plan_rejects(args):
@@ -230,6 +250,12 @@ def test_cli_eval_perplexity_contract(tiny_folder, tmp_path):
         assert (out / name).stat().st_size > 0
     assert main(argv) == 0  # everything cached: resumes instantly, same records
     assert len(json.loads((out / "results.json").read_text())) == 4
+    # the trained-window reference: sliding windows of the trained length over the first 96 tokens
+    assert main(["eval", "perplexity", "--model", str(tiny_folder), "--text", str(text), "--lengths", "64",
+                 "--protocol", "sliding", "--stride", "32", "--max-tokens", "96", "--out", str(out),
+                 "--no-progress"]) == 0
+    (ref,) = [r for r in json.loads((out / "results.json").read_text()) if r.get("max_tokens") == 96]
+    assert ref["tokens_scored"] == 95 and ref["ppl_beyond"] is None and ref["ppl_text_beyond"] > 1
 
 
 def test_cli_eval_passkey_contract(tiny_folder, tmp_path):
@@ -273,6 +299,7 @@ def test_cli_compare_runs_end_to_end(tiny_folder, tmp_path, monkeypatch, flags, 
 @pytest.mark.parametrize("argv", [
     ["eval", "perplexity", "--method", "bogus"],
     ["eval", "perplexity", "--lengths", "abc"],
+    ["eval", "perplexity", "--max-tokens", "1"],
     ["eval", "passkey", "--depths", "1.5"],
     ["eval", "passkey", "--trials", "0"],
     ["compare", "--method", "self-extend:group=0"],

@@ -45,6 +45,9 @@ def add_parsers(subparsers) -> None:
     ppl.add_argument("--stride", type=int, default=256, help="sliding-window stride (default 256)")
     ppl.add_argument("--windows", type=int, default=1, help="single protocol: disjoint windows to average")
     ppl.add_argument("--segment", type=int, default=4096, help="segment size of the per-position breakdown")
+    ppl.add_argument("--max-tokens", type=int, default=None,
+                     help="use only the first N tokens of the text (e.g. a sliding reference at the trained "
+                          "length over the tokens a long window scores)")
     ppl.set_defaults(func=run_perplexity, lengths_default="4096,8192")
 
     key = sub.add_parser("passkey", help="passkey retrieval accuracy, lengths x depths")
@@ -95,13 +98,16 @@ def run_perplexity(args) -> int:
     methods, lengths, out = setup(args)
     if args.segment < 1:
         raise ValueError(f"--segment must be >= 1, got {args.segment}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     store = ResultStore(out / "results.json")
     model, tokenizer = load(args)
     tokens = load_tokens(tokenizer, args.text)
     sweeper = Sweeper(model, tokenizer, store, model_name=str(args.model), show_progress=not args.no_progress,
                       log=tqdm.write)
     records = sweeper.perplexity(tokens, methods, lengths, text=text_name(args.text), protocol=args.protocol,
-                                 stride=args.stride, windows=args.windows, segment=args.segment)
+                                 stride=args.stride, windows=args.windows, segment=args.segment,
+                                 max_tokens=args.max_tokens)
     write_outputs(out, store.records, title="ropekit eval perplexity", command=command_line())
     print(perplexity_table(records))
     print(f"\nwrote {out}/results.json, results.csv, perplexity.png, report.md")

@@ -6,6 +6,12 @@
   tokens, each scoring only the tokens that earlier windows did not.
 A scored token's *position* is its index inside its window; tokens at positions below the
 trained length are "in window", the rest "beyond". Perplexity = exp(mean NLL per token).
+``ppl_text_beyond`` covers the tokens at *text* index >= the trained length, whatever their
+window position: a sliding run with windows of the trained length scores the same tokens that a
+long single window scores "beyond", each with up to a trained length of context — the
+reference a context-extension method's ``ppl_beyond`` should be compared with (the text after
+the trained length need not be as easy as the text before it). Segments (the per-position
+breakdown) are by window position in the single protocol and by text index in the sliding one.
 Logits are produced in chunks from the final hidden states, so a 32K window never holds a
 ``T x V`` logit matrix.
 """
@@ -59,16 +65,18 @@ class NllTally:
     total: list[float] = field(default_factory=lambda: [0.0, 0])
     inside: list[float] = field(default_factory=lambda: [0.0, 0])
     beyond: list[float] = field(default_factory=lambda: [0.0, 0])
+    text_beyond: list[float] = field(default_factory=lambda: [0.0, 0])
     segments: dict[int, list[float]] = field(default_factory=dict)
+    segment_by_text: bool = False
 
-    def add(self, nll: torch.Tensor, positions: torch.Tensor) -> None:
-        """nll float ``[n]`` of tokens at window positions ``[n]``."""
+    def add(self, nll: torch.Tensor, positions: torch.Tensor, text_positions: torch.Tensor) -> None:
+        """nll float ``[n]`` of tokens at window positions ``[n]`` and text indices ``[n]``."""
         for acc, sel in ((self.total, slice(None)), (self.inside, positions < self.trained),
-                         (self.beyond, positions >= self.trained)):
+                         (self.beyond, positions >= self.trained), (self.text_beyond, text_positions >= self.trained)):
             part = nll[sel]
             acc[0] += float(part.sum())
             acc[1] += int(part.numel())
-        seg = torch.div(positions, self.segment, rounding_mode="floor")
+        seg = torch.div(text_positions if self.segment_by_text else positions, self.segment, rounding_mode="floor")
         for s in seg.unique().tolist():
             acc = self.segments.setdefault(int(s), [0.0, 0])
             part = nll[seg == s]
@@ -78,6 +86,7 @@ class NllTally:
     def summary(self) -> dict:
         return {
             "ppl": _ppl(self.total), "ppl_in_window": _ppl(self.inside), "ppl_beyond": _ppl(self.beyond),
+            "ppl_text_beyond": _ppl(self.text_beyond), "segments_by": "text" if self.segment_by_text else "window",
             "tokens_scored": int(self.total[1]), "tokens_in_window": int(self.inside[1]),
             "tokens_beyond": int(self.beyond[1]),
             "segments": [{"start": s * self.segment, "end": (s + 1) * self.segment, "ppl": _ppl(acc),
@@ -128,14 +137,14 @@ def evaluate_perplexity(model, tokens: torch.Tensor, length: int, *, trained: in
     """Perplexity of ``tokens`` (long ``[N]``) with windows of ``length``; returns the metrics dict
     (``ppl``, ``ppl_in_window``, ``ppl_beyond``, counts, ``segments``, ``seconds``, ``peak_mem_mb``)."""
     plan = plan_windows(int(tokens.shape[0]), length, protocol, stride, windows)
-    tally = NllTally(trained=trained, segment=segment)
+    tally = NllTally(trained=trained, segment=segment, segment_by_text=protocol == "sliding")
     start = time.perf_counter()
     with PeakMemory() as mem:
         for begin, end, first in plan:
             nll = window_nll(model, tokens[begin:end])  # targets at window positions 1..end-begin-1
             positions = torch.arange(1, end - begin)
             keep = positions >= first
-            tally.add(nll[keep], positions[keep])
+            tally.add(nll[keep], positions[keep], begin + positions[keep])
             if progress is not None:
                 progress(1)
     return {**tally.summary(), "windows_run": len(plan), "seconds": round(time.perf_counter() - start, 2),

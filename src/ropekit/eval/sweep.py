@@ -53,7 +53,13 @@ class Sweeper:
 
     def perplexity(self, tokens: torch.Tensor, methods: Sequence[str], lengths: Sequence[int], *, text: str,
                    protocol: str = "single", stride: int | None = None, windows: int = 1,
-                   segment: int = 4096) -> list[dict]:
+                   segment: int = 4096, max_tokens: int | None = None) -> list[dict]:
+        """One record per (method, length) cell, resumed from the store when already finished.
+        max_tokens: only the first max_tokens tokens of the text are used (mostly for sliding runs)."""
+        if max_tokens is not None:
+            if max_tokens < 2:
+                raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+            tokens = tokens[:max_tokens]
         out = []
         cells = [(m, n) for m in methods for n in lengths]
         with self._bar(len(cells), "perplexity") as bar:
@@ -61,6 +67,8 @@ class Sweeper:
                 cell = {"task": "perplexity", "model": self.model_name, "text": text, "method": spec,
                         "length": int(length), "protocol": protocol,
                         "stride": stride if protocol == "sliding" else None, "windows": windows}
+                if max_tokens is not None:  # absent otherwise, so earlier result files still resume
+                    cell["max_tokens"] = int(max_tokens)
                 done = self.store.find(cell)
                 if done is None:
                     bar.set_description(f"ppl {spec} @ {length}")
