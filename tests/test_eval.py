@@ -338,3 +338,15 @@ def test_seed_claim_plain_rope_breaks_past_trained_length_yarn_does_not(smollm2_
     assert plain["ppl_beyond"] > 2.5 * plain["ppl_in_window"]
     assert yarn["ppl_beyond"] < 1.3 * plain["ppl_in_window"]
     assert yarn["ppl_beyond"] < 0.4 * plain["ppl_beyond"]
+
+
+def test_table_marks_sliding_runs_and_reports_text_beyond():
+    from ropekit.eval.report import perplexity_table
+
+    base = {"method": "none", "ppl": 2.0, "ppl_in_window": 1.5, "tokens_scored": 63, "seconds": 1.0,
+            "peak_mem_mb": 10.0}
+    single = {**base, "length": 64, "ppl_beyond": 3.0, "protocol": "single", "windows": 1}  # no ppl_text_beyond
+    sliding = {**base, "length": 32, "ppl_beyond": None, "ppl_text_beyond": 2.5, "protocol": "sliding", "stride": 16}
+    rows = perplexity_table([single, sliding]).splitlines()[2:]
+    assert rows[0].startswith("| `none` | 64 | 2.00 | 1.50 | 3.00 | 3.00 |")
+    assert rows[1].startswith("| `none (sliding 32/16)` | 32 | 2.00 | 1.50 | - | 2.50 |")

@@ -28,14 +28,31 @@ def _methods(records: Sequence[dict]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in records))
 
 
+def series_label(r: dict) -> str:
+    """The method, marked when the record is a sliding-window run (a different protocol)."""
+    if r.get("protocol") == "sliding":
+        return f"{r['method']} (sliding {r['length']}/{r['stride']})"
+    return r["method"]
+
+
+def text_beyond(r: dict) -> float | None:
+    """ppl of the text's tokens from the trained length on (records before that field: a single
+    window from the start scores exactly those tokens as ``ppl_beyond``)."""
+    if "ppl_text_beyond" in r:
+        return r["ppl_text_beyond"]
+    single_from_start = r.get("protocol", "single") == "single" and r.get("windows", 1) == 1
+    return r["ppl_beyond"] if single_from_start else None
+
+
 def perplexity_table(records: Sequence[dict]) -> str:
-    """Markdown table: one row per (method, length)."""
-    lines = ["| method | length | ppl (all) | ppl in window | ppl beyond | tokens | seconds | peak MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table: one row per (method, length); a sliding run is labelled with its window/stride.
+    "text >= L": tokens of the text from the trained length on, whatever the window position."""
+    lines = ["| method | length | ppl (all) | ppl in window | ppl beyond | text >= L | tokens | seconds | peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
-        lines.append(f"| `{r['method']}` | {r['length']} | {_f(r['ppl'])} | {_f(r['ppl_in_window'])} | "
-                     f"{_f(r['ppl_beyond'])} | {r['tokens_scored']} | {r['seconds']:.0f} | "
-                     f"{r['peak_mem_mb']:.0f} |")
+        lines.append(f"| `{series_label(r)}` | {r['length']} | {_f(r['ppl'])} | {_f(r['ppl_in_window'])} | "
+                     f"{_f(r['ppl_beyond'])} | {_f(text_beyond(r))} | {r['tokens_scored']} | "
+                     f"{r['seconds']:.0f} | {r['peak_mem_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -75,14 +92,18 @@ def plot_perplexity(records: Sequence[dict], path: str | os.PathLike, trained: i
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     longest = max(r["length"] for r in records)
-    for method in _methods(records):
-        rs = sorted((r for r in records if r["method"] == method), key=lambda r: r["length"])
-        (line,) = ax1.plot([r["length"] for r in rs], [r["ppl"] for r in rs], marker="o", label=method)
-        seg = [r for r in rs if r["length"] == longest]
-        if seg and seg[0].get("segments"):
-            s = seg[0]["segments"]
-            ax2.plot([(x["start"] + min(x["end"], longest)) / 2 for x in s], [x["ppl"] for x in s],
-                     marker="o", color=line.get_color(), label=method)
+    for label in dict.fromkeys(series_label(r) for r in records):
+        rs = sorted((r for r in records if series_label(r) == label), key=lambda r: r["length"])
+        sliding = rs[0].get("protocol") == "sliding"
+        style = {"marker": "o", "linestyle": "--" if sliding else "-"}
+        (line,) = ax1.plot([r["length"] for r in rs], [r["ppl"] for r in rs], label=label, **style)
+        # right: by position in the longest single window, or by text index for a sliding run
+        seg = rs[-1] if sliding and rs[-1].get("segments_by") == "text" else next(
+            (r for r in rs if r["length"] == longest and not sliding), None)
+        if seg and seg.get("segments"):
+            s = seg["segments"]
+            ax2.plot([(x["start"] + x["start"] + x["tokens"]) / 2 for x in s], [x["ppl"] for x in s],
+                     color=line.get_color(), label=label, **style)
     for ax in (ax1, ax2):
         if trained:
             ax.axvline(trained, color="grey", linestyle="--", linewidth=1, label="trained length")
