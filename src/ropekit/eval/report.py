@@ -121,6 +121,20 @@ def plot_perplexity(records: Sequence[dict], path: str | os.PathLike, trained: i
     plt.close(fig)
 
 
+def passkey_grid(records: Sequence[dict], method: str, lengths: list[int], depths: list[float]) -> list[list[float]]:
+    """Accuracy [len(lengths)][len(depths)] of ``method``: correct / trials pooled over every record
+    of a cell (several seeds), NaN where there is none."""
+    counts: dict[tuple[int, float], list[int]] = {}
+    for r in records:
+        if r["method"] == method:
+            acc = counts.setdefault((r["length"], r["depth"]), [0, 0])
+            acc[0], acc[1] = acc[0] + r["correct"], acc[1] + r["trials"]
+    grid = [[float("nan")] * len(depths) for _ in lengths]
+    for (length, depth), (correct, trials) in counts.items():
+        grid[lengths.index(length)][depths.index(depth)] = correct / trials
+    return grid
+
+
 def plot_passkey(records: Sequence[dict], path: str | os.PathLike) -> None:
     """PNG: one accuracy heatmap (lengths x depths) per method."""
     plt = _pyplot()
@@ -130,10 +144,7 @@ def plot_passkey(records: Sequence[dict], path: str | os.PathLike) -> None:
     fig, axes = plt.subplots(1, len(methods), figsize=(2.2 + 1.0 * len(depths) * len(methods), 3.2),
                              squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
-        grid = [[float("nan")] * len(depths) for _ in lengths]
-        for r in records:
-            if r["method"] == method:
-                grid[lengths.index(r["length"])][depths.index(r["depth"])] = r["accuracy"]
+        grid = passkey_grid(records, method, lengths, depths)
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         for i in range(len(lengths)):
             for j in range(len(depths)):
