@@ -92,14 +92,14 @@ def run_perplexity(args) -> int:
 
     from ropekit.eval.report import perplexity_table, write_outputs
     from ropekit.eval.results import ResultStore
-    from ropekit.eval.sweep import Sweeper
+    from ropekit.eval.sweep import Sweeper, check_max_tokens
     from ropekit.eval.text import load_tokens, text_name
 
     methods, lengths, out = setup(args)
     if args.segment < 1:
         raise ValueError(f"--segment must be >= 1, got {args.segment}")
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    if args.max_tokens is not None:
+        check_max_tokens(args.max_tokens)  # before loading the model
     store = ResultStore(out / "results.json")
     model, tokenizer = load(args)
     tokens = load_tokens(tokenizer, args.text)

@@ -34,6 +34,12 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return list(methods)
 
 
+def check_max_tokens(max_tokens: int) -> None:
+    """--max-tokens: at least one scored token needs two."""
+    if max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2, got {max_tokens}")
+
+
 class Sweeper:
     """Runs cells on one loaded model, switching methods, storing each finished cell."""
 
@@ -57,8 +63,7 @@ class Sweeper:
         """One record per (method, length) cell, resumed from the store when already finished.
         max_tokens: only the first max_tokens tokens of the text are used (mostly for sliding runs)."""
         if max_tokens is not None:
-            if max_tokens < 2:
-                raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+            check_max_tokens(max_tokens)
             tokens = tokens[:max_tokens]
         out = []
         cells = [(m, n) for m in methods for n in lengths]
