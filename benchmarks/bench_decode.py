@@ -1,14 +1,15 @@
-"""Decode and prefill speed: ropekit plain, ropekit FastDecoder (float32 / bfloat16 weights), transformers.
+"""Decode and prefill speed: ropekit (fused decode kernels; fp32 and bf16 weights), its torch ops, transformers.
 
     python benchmarks/bench_decode.py [--model smollm2] [--prompt-tokens 1000] [--decode-prompt-tokens 32]
                                       [--new-tokens 128] [--repeats 3] [--threads 2]
-                                      [--engines plain,fast,fast-packed,fast-bf16,transformers]
+                                      [--engines fused,torch-ops,bf16,transformers]
                                       [--no-kernels]
                                       [--out results/bench_decode.json]
 
 All engines run on the same GGUF weights in one process (transformers loads the file with
-``gguf_file=``), float32 unless the row says bfloat16. "fast" reads the model's own weight
-tensors; "fast (packed)" a copy of them in one huge-page buffer; "bf16" a bfloat16 copy (packed).
+``gguf_file=``), float32 unless the row says bfloat16. "fused" is the model's own decode path
+(the C++ kernels on its weights, in one huge-page buffer since ``load_model``); "torch ops" the
+same model with its decode steps as torch ops; "bf16" the model loaded in bfloat16.
 Repeats are interleaved (engine A, B, C, A, B, C, ...) after one warm-up each, so a change in
 machine load hits every engine alike; the table shows medians.
 
@@ -46,17 +47,17 @@ import torch.nn.functional as F
 from bench_generate import _Timestamps, load_transformers, prompt_ids, write_json  # same folder: shared helpers
 
 DEFAULTS = dict(model="smollm2", prompt_tokens=1000, decode_prompt_tokens=32, new_tokens=128, repeats=3,
-                threads=2, engines="plain,fast,fast-packed,fast-bf16,transformers")
+                threads=2, engines="fused,torch-ops,bf16,transformers")
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
-ENGINE_LABELS = {"plain": "ropekit plain (fp32)", "fast": "ropekit fast (fp32)",
-                 "fast-packed": "ropekit fast (fp32, packed)", "fast-bf16": "ropekit fast (bf16 weights)",
-                 "transformers": "transformers (fp32)"}
+ENGINE_LABELS = {"fused": "ropekit (fp32, fused decode)", "torch-ops": "ropekit (fp32, torch ops)",
+                 "bf16": "ropekit (bf16 weights, fused)", "transformers": "transformers (fp32)"}
 
 
 # ---- one timed run per engine: (prefill seconds, decode seconds for new_tokens - 1 steps) -------
 
 
-def run_plain(model, prefill_ids: list[int], decode_ids: list[int], new_tokens: int) -> tuple[float, float]:
+def run_ropekit(model, prefill_ids: list[int], decode_ids: list[int], new_tokens: int,
+                fast: bool = True) -> tuple[float, float]:
     from ropekit.model.generate import generate_ids
 
     with torch.inference_mode():
@@ -64,20 +65,12 @@ def run_plain(model, prefill_ids: list[int], decode_ids: list[int], new_tokens: 
         start = time.perf_counter()
         model(torch.tensor([prefill_ids]), cache=cache, logits_to_keep=1)
         prefill = time.perf_counter() - start
-    stamps = [time.perf_counter() for _ in generate_ids(model, [decode_ids], max_new_tokens=new_tokens, fast=False)]
+    stamps = [time.perf_counter() for _ in generate_ids(model, [decode_ids], max_new_tokens=new_tokens, fast=fast)]
     return prefill, stamps[-1] - stamps[0]
 
 
-def run_fast(fast, prefill_ids: list[int], decode_ids: list[int], new_tokens: int) -> tuple[float, float]:
-    start = time.perf_counter()
-    fast.prefill(prefill_ids)
-    prefill = time.perf_counter() - start
-    logits = fast.prefill(decode_ids)
-    token = int(logits.argmax())
-    start = time.perf_counter()  # the first new token exists now, as in the other engines' timing
-    for _ in range(new_tokens - 1):
-        token = int(fast.step(token).argmax())
-    return prefill, time.perf_counter() - start
+def run_torch_ops(model, prefill_ids: list[int], decode_ids: list[int], new_tokens: int) -> tuple[float, float]:
+    return run_ropekit(model, prefill_ids, decode_ids, new_tokens, fast=False)
 
 
 def run_transformers(hf, prefill_ids: list[int], decode_ids: list[int],
@@ -112,7 +105,7 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 def bench_kernels(model, repeats: int) -> dict:
     """ms and GB/s for streaming every decode matrix of ``model`` once, five ways."""
-    from ropekit.kernels.gemv import extension
+    from ropekit.kernels.decode import extension
 
     ext = extension()
     # Every matrix a decode step multiplies with: the embedding is only a row lookup, but the output
@@ -125,7 +118,7 @@ def bench_kernels(model, repeats: int) -> dict:
     dst = [torch.empty_like(t) for t in mats]
     def gemv_all(weights):
         for w in weights:
-            ext.gemv([w], xs[w.shape[1]], ys[w.shape[0]])
+            ext.gemv([w], xs[w.shape[1]], ys[w.shape[0]], False, None, 1e-5)
 
     def copy_all():
         for source, target in zip(mats, dst, strict=True):
@@ -154,9 +147,8 @@ def bench_kernels(model, repeats: int) -> dict:
 
 def run(model: str, prompt_tokens: int, decode_prompt_tokens: int, new_tokens: int, repeats: int,
         threads: int, engines: tuple[str, ...], kernels: bool = True) -> dict:
-    from ropekit.kernels.gemv import backend
+    from ropekit.kernels.decode import extension
     from ropekit.loading import load_model, resolve_source
-    from ropekit.model.fast_decode import FastDecoder
 
     unknown = set(engines) - set(ENGINE_LABELS)
     if unknown:
@@ -166,21 +158,15 @@ def run(model: str, prompt_tokens: int, decode_prompt_tokens: int, new_tokens: i
     ours, tokenizer = load_model(path, dtype=torch.float32)
     ids = prompt_ids(tokenizer, max(prompt_tokens, decode_prompt_tokens))
     prefill_ids, decode_ids = ids[:prompt_tokens], ids[:decode_prompt_tokens]
-    capacity = max(prompt_tokens, decode_prompt_tokens + new_tokens)
     fp32_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied weights counted once
 
     runners: dict[str, tuple[Callable, object, int]] = {}
-    if "plain" in engines:
-        runners["plain"] = (run_plain, ours, fp32_bytes)
-    if "fast" in engines:
-        fast = FastDecoder(ours, capacity)
-        runners["fast"] = (run_fast, fast, fast.weight_bytes)
-    if "fast-packed" in engines:
-        packed = FastDecoder(ours, capacity, pack=True)
-        runners["fast-packed"] = (run_fast, packed, packed.weight_bytes)
-    if "fast-bf16" in engines:
-        fast16 = FastDecoder(ours, capacity, weight_dtype=torch.bfloat16)
-        runners["fast-bf16"] = (run_fast, fast16, fast16.weight_bytes)
+    if "fused" in engines:
+        runners["fused"] = (run_ropekit, ours, fp32_bytes)
+    if "torch-ops" in engines:
+        runners["torch-ops"] = (run_torch_ops, ours, fp32_bytes)
+    if "bf16" in engines:
+        runners["bf16"] = (run_ropekit, load_model(path, dtype=torch.bfloat16)[0], fp32_bytes // 2)
     if "transformers" in engines:
         runners["transformers"] = (run_transformers, load_transformers(path), fp32_bytes)
 
@@ -210,7 +196,7 @@ def run(model: str, prompt_tokens: int, decode_prompt_tokens: int, new_tokens: i
             r["decode_vs_transformers"] = r["decode_tok_s"] / base
     return {"model": str(path), "threads": threads, "prompt_tokens": len(prefill_ids),
             "decode_prompt_tokens": len(decode_ids), "new_tokens": new_tokens, "repeats": repeats,
-            "torch": torch.__version__, "gemv_backend": backend().name,
+            "torch": torch.__version__, "gemv_backend": "cpp" if extension() is not None else "torch",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu_name()}",
             "load_average": os.getloadavg(), "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

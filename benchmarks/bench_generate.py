@@ -50,8 +50,9 @@ class _Timestamps:
         pass
 
 
-def time_ropekit(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for new_tokens - 1 steps) for ropekit."""
+def time_ropekit(model, ids: list[int], new_tokens: int, fast: bool = True) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens - 1 steps) for ropekit's ``generate_ids``:
+    ``fast`` (the default path) runs decode steps through the fused C++ kernels, else as torch ops."""
     from ropekit.model.generate import generate_ids
 
     x = torch.tensor([ids])
@@ -60,19 +61,12 @@ def time_ropekit(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
         start = time.perf_counter()
         model(x, cache=cache, logits_to_keep=1)
         prefill = time.perf_counter() - start
-    stamps = [time.perf_counter() for _ in generate_ids(model, [ids], max_new_tokens=new_tokens, fast=False)]
+    stamps = [time.perf_counter() for _ in generate_ids(model, [ids], max_new_tokens=new_tokens, fast=fast)]
     return prefill, stamps[-1] - stamps[0]
 
 
-def time_fast(fast, ids: list[int], new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for new_tokens - 1 steps) for ropekit's FastDecoder, greedy."""
-    start = time.perf_counter()
-    token = int(fast.prefill(ids).argmax())
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        token = int(fast.step(token).argmax())
-    return prefill, time.perf_counter() - start
+def time_torch_ops(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    return time_ropekit(model, ids, new_tokens, fast=False)
 
 
 def time_transformers(hf, ids: list[int], new_tokens: int) -> tuple[float, float]:
@@ -121,17 +115,34 @@ def write_json(report: dict, path: Path | None) -> None:
 
 
 def print_table(report: dict) -> None:
-    header = f"{'engine':<18}{'prefill tok/s':>15}{'decode tok/s':>15}{'weights GB/s':>15}"
-    print(f"prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, {report['dtype']}, "
+    header = f"{'engine':<20}{'prefill tok/s':>15}{'decode tok/s':>15}{'weights GB/s':>15}"
+    print(f"{report['cpu']}; prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, "
           f"{report['threads']} threads, median of {report['repeats']}")
     print(header)
     print("-" * len(header))
     for name, r in report["results"].items():
-        print(f"{name:<18}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>15.1f}{r['weights_gb_s']:>15.2f}")
+        print(f"{name:<20}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>15.1f}{r['weights_gb_s']:>15.2f}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the matrix features that matter here (AVX-512 BF16, AMX)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    features = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(features) or 'no AVX-512'})"
+
+
+ENGINES = ("ropekit", "ropekit-torch-ops", "ropekit-bf16", "transformers")
 
 
 def run(model: str, prompt_tokens: int, new_tokens: int, repeats: int, threads: int,
-        engines: tuple[str, ...] = ("ropekit", "transformers")) -> dict:
+        engines: tuple[str, ...] = ENGINES) -> dict:
+    """ropekit (float32, decode through the fused kernels: the default), ropekit-torch-ops (the same model
+    with its decode steps as torch ops), ropekit-bf16 (bfloat16 weights), transformers (float32)."""
     from ropekit.loading import load_model, resolve_source
 
     torch.set_num_threads(threads)
@@ -140,23 +151,22 @@ def run(model: str, prompt_tokens: int, new_tokens: int, repeats: int, threads: 
     ids = prompt_ids(tokenizer, prompt_tokens)
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     results = {}
-    if "ropekit" in engines:
-        results["ropekit"] = measure("ropekit", time_ropekit, ours, ids, new_tokens, repeats, weight_bytes)
-    for name, dtype in (("ropekit-fast", torch.float32), ("ropekit-fast-bf16", torch.bfloat16)):
-        if name in engines:  # the FastDecoder rows (benchmarks/bench_decode.py has the details)
-            from ropekit.model.fast_decode import FastDecoder
-
-            fast = FastDecoder(ours, prompt_tokens + new_tokens, weight_dtype=dtype)
-            results[name] = measure(name, time_fast, fast, ids, new_tokens, repeats, fast.weight_bytes)
-            del fast
+    for name, timer in (("ropekit", time_ropekit), ("ropekit-torch-ops", time_torch_ops)):
+        if name in engines:
+            results[name] = measure(name, timer, ours, ids, new_tokens, repeats, weight_bytes)
     del ours
+    if "ropekit-bf16" in engines:
+        bf16, _ = load_model(path, dtype=torch.bfloat16)
+        results["ropekit-bf16"] = measure("ropekit-bf16", time_ropekit, bf16, ids, new_tokens, repeats,
+                                          weight_bytes // 2)
+        del bf16
     if "transformers" in engines:
         hf = load_transformers(path)
         results["transformers"] = measure("transformers", time_transformers, hf, ids, new_tokens, repeats,
                                           weight_bytes)
     return {"model": str(path), "dtype": "float32", "threads": threads, "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens, "repeats": repeats, "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(),
+            "machine": platform.processor() or platform.machine(), "cpu": cpu_model(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "results": results}
 
 
@@ -167,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"])
     parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"])
     parser.add_argument("--threads", type=int, default=DEFAULTS["threads"])
-    parser.add_argument("--engines", default="ropekit,ropekit-fast,ropekit-fast-bf16,transformers",
-                        help="comma-separated subset")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     report = run(args.model, args.prompt_tokens, args.new_tokens, args.repeats, args.threads,

@@ -55,16 +55,16 @@ def test_position_free_method_on_a_tiny_model():
     ids = [5, 17, 42, 99, 7, 3]
     reordered = permutation.reorder_earlier(ids)
     assert reordered[-1] == ids[-1] and sorted(reordered) == sorted(ids) and reordered != ids
-    from ropekit.demos.common import attention_method
+    from ropekit.demos.common import using_attention
 
-    default = model.attention_method
-    with attention_method(model, permutation.position_free_method(rope=False, causal=False)):
+    default = model.attention
+    with using_attention(model, permutation.position_free_method(rope=False, causal=False)):
         lp_a = permutation.next_token_log_probs(model, ids)
         lp_b = permutation.next_token_log_probs(model, reordered)
     torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=1e-5)
-    assert model.attention_method is default  # restored
+    assert model.attention is default  # restored
     # the probe with RoPE on and a causal mask is the model itself
-    with attention_method(model, permutation.position_free_method(rope=True, causal=True)):
+    with using_attention(model, permutation.position_free_method(rope=True, causal=True)):
         probe = permutation.next_token_log_probs(model, ids)
     torch.testing.assert_close(probe, permutation.next_token_log_probs(model, ids), rtol=0, atol=1e-5)
     assert float((permutation.next_token_log_probs(model, reordered) - probe).abs().max()) > 1e-3
@@ -148,13 +148,13 @@ def test_wavelength_ratios_independently(tmp_path):
     assert any("real-model" in s for s in result.skipped)
 
 
-def test_token_nll_chunked_equals_one_forward():
+def test_token_nll_equals_cross_entropy_of_full_logits():
     model = tiny_model()
     ids = torch.randint(0, 259, (40,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(ids[None])[0]
     expected = F.cross_entropy(logits[:-1], ids[1:], reduction="none")
-    torch.testing.assert_close(extrapolation.token_nll(model, ids, chunk=7), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(extrapolation.token_nll(model, ids), expected, rtol=1e-4, atol=1e-4)
     means = extrapolation.bucket_means(expected, 16)
     torch.testing.assert_close(means, torch.stack([expected[:16].mean(), expected[16:32].mean(),
                                                    expected[32:].mean()]))
@@ -248,7 +248,7 @@ def test_token_nll_on_smollm2_matches_cross_entropy(smollm2):
     with torch.no_grad():
         logits = model(ids[None])[0]
     expected = F.cross_entropy(logits[:-1], ids[1:], reduction="none")
-    torch.testing.assert_close(extrapolation.token_nll(model, ids, chunk=128), expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(extrapolation.token_nll(model, ids), expected, rtol=1e-3, atol=1e-3)
     assert 1.0 < float(expected.mean()) < 5.0  # English prose under a working model
 
 

@@ -16,7 +16,7 @@ from ropekit.eval import passkey as pk
 from ropekit.eval import perplexity as pp
 from ropekit.eval import sweep as sw
 from ropekit.eval.results import ResultStore
-from ropekit.model.extend import apply_method
+from ropekit.model import apply_extension
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_trial_keys_are_seeded_five_digit_and_method_independent():
                                        (" 99 then 12345", False), (" none", False)])
 def test_passkey_scoring_first_integer(monkeypatch, answer, ok):
     tok = CharTokenizer()
-    monkeypatch.setattr(pk, "greedy", lambda model, ids, max_new_tokens=10: tok.encode(answer))
+    monkeypatch.setattr(pk, "greedy", lambda model, ids, **options: tok.encode(answer))
     assert pk.run_trial(None, tok, 700, 0.5, 12345)["correct"] is ok
 
 
@@ -331,9 +331,9 @@ def test_seed_claim_plain_rope_breaks_past_trained_length_yarn_does_not(smollm2_
     model, tokenizer = load_model(smollm2_path)
     ids = load_tokens(tokenizer)
     base = model.config.rope
-    apply_method(model, "none", base)
+    apply_extension(model, "none", base)
     plain = pp.evaluate_perplexity(model, ids, 16384, trained=8192)
-    apply_method(model, "yarn:factor=2", base)
+    apply_extension(model, "yarn:factor=2", base)
     yarn = pp.evaluate_perplexity(model, ids, 16384, trained=8192)
     assert plain["ppl_beyond"] > 2.5 * plain["ppl_in_window"]
     assert yarn["ppl_beyond"] < 1.3 * plain["ppl_in_window"]

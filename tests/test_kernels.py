@@ -12,13 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ropekit.kernels import ENV_VAR, apply_rotary_positions, build, cpu, select_backend, triton_rope
+from ropekit.kernels import ENV_VAR, apply_rotary_positions, build, cpu, select_backend, triton_installed
 from ropekit.rope.apply import apply_rotary, rotate_reference
 
 CPP = pytest.param("cpp", marks=pytest.mark.skipif(not cpu.supports(torch.zeros(1)),
                                                    reason="the C++ CPU kernel did not build here"))
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(not triton_rope.HAVE_TRITON,
-                                                         reason="triton not installed"))
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(not triton_installed(), reason="triton not installed"))
 BACKENDS = [CPP, TRITON]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
@@ -307,11 +306,13 @@ def test_fused_position_gather_rejects_positions_past_the_table():
         apply_rotary_positions(x, cos, sin, torch.tensor([0, 5, 10]))
 
 
-@pytest.mark.skipif(not triton_rope.HAVE_TRITON, reason="triton not installed")
+@pytest.mark.skipif(not triton_installed(), reason="triton not installed")
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_varlen_packed_sequences_and_backward(layout, dtype):
     """Packed [total, H, D] with cu_seqlens: each sequence counts positions from seqlen_offset."""
+    from ropekit.kernels import triton_rope
+
     lengths, H, D, R, offset = [3, 1, 7], 2, 80, 64, 2
     cu = torch.tensor([0, 3, 4, 11], dtype=torch.int32)
     x = torch.randn(sum(lengths), H, D).to(dtype).requires_grad_()

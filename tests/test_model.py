@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_llama import tiny_model, to_transformers
 
-from ropekit.model import AttentionMethod, KVCache
+from ropekit.model import KVCache, RopeAttention
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,8 @@ def test_set_rope_switches_and_restores(model):
         torch.testing.assert_close(model(ids), before, atol=0, rtol=0)
 
 
-class _CountingAttention(AttentionMethod):
-    """An alternative method: plain RoPE attention that counts its calls (the hook contract)."""
+class _CountingAttention(RopeAttention):
+    """An alternative attention: plain RoPE attention that counts its calls (the hook contract)."""
 
     def __init__(self):
         self.prepared, self.attended = 0, []

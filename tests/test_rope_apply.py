@@ -131,12 +131,34 @@ def test_cos_sin_shapes_attention_factor_and_dtype():
 @pytest.mark.parametrize(("positions", "message"), [
     (torch.tensor([-1, 0]), r"\[0, 2\*\*31\)"),
     (torch.tensor([2**31]), r"\[0, 2\*\*31\)"),
-    (torch.tensor([0.5]), "integer tensor"),
+    (torch.tensor([-0.5]), r"\[0, 2\*\*31\)"),
+    (torch.tensor([0.5, float("nan")]), "finite"),
+    (torch.tensor([True]), "integer or float tensor"),
+    (torch.tensor([1j]), "integer or float tensor"),
     (torch.zeros(1, 2, 3, dtype=torch.long), r"\(T,\) or \(B, T\)"),
 ])
 def test_bad_positions(positions, message):
     with pytest.raises(ValueError, match=message):
         rope_cos_sin(plain_inv_freq(8), positions)
+
+
+def test_fractional_positions_are_the_angles_in_float64():
+    """Positions between tokens (Leaky ReRoPE's far pairs): cos/sin of position * theta_i in float64."""
+    inv_freq = plain_inv_freq(16)
+    positions = torch.tensor([[0.25, 7.5, 1e6 + 0.125]], dtype=torch.float64)
+    cos, sin = rope_cos_sin(inv_freq, positions)
+    angles = positions[..., None] * inv_freq.double()
+    torch.testing.assert_close(cos, angles.cos().float(), atol=1e-7, rtol=0)
+    torch.testing.assert_close(sin, angles.sin().float(), atol=1e-7, rtol=0)
+    whole = rope_cos_sin(inv_freq, torch.tensor([3, 9]))
+    assert torch.equal(rope_cos_sin(inv_freq, torch.tensor([3.0, 9.0]))[0], whole[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_cos_sin_tables_must_be_floating(dtype):
+    """rope_cos_sin(..., dtype=torch.int64) returned integer tables (all 0 and 1) before."""
+    with pytest.raises(ValueError, match="floating dtype"):
+        rope_cos_sin(plain_inv_freq(8), torch.arange(4), dtype=dtype)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

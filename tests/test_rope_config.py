@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import ropekit
 from ropekit import RopeConfig
-from ropekit.rope.config import METHODS, parse_spec
+from ropekit.rope import ROPE_TYPES, parse_spec
 
 BASE = {"head_dim": 64, "max_position_embeddings": 8192, "rope_theta": 100000.0}
 
@@ -48,9 +48,19 @@ def test_round_trip(hf):
 
 
 def test_registry_covers_every_type_with_a_source():
-    assert set(METHODS) == {"default", "linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "longrope", "llama3",
-                            "proportional"}
-    assert all(method.source for method in METHODS.values())
+    assert set(ROPE_TYPES) == {"default", "linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "longrope", "llama3",
+                               "proportional"}
+    assert all(entry.source and entry.name == name for name, entry in ROPE_TYPES.items())
+    assert ROPE_TYPES["none"] is ROPE_TYPES["default"] and ROPE_TYPES.resolve("pi") == "linear"
+
+
+def test_old_names_still_import_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="ROPE_TYPES"):
+        from ropekit.rope.config import METHODS
+    assert METHODS is ROPE_TYPES
+    rc = RopeConfig.from_hf(BASE)
+    with pytest.warns(DeprecationWarning, match="with_rope_type"):
+        assert rc.with_method("linear:factor=2") == rc.with_rope_type("linear:factor=2")
 
 
 def test_pretrained_config_is_accepted():
@@ -64,15 +74,45 @@ def test_pretrained_config_is_accepted():
     assert (rc.rope_type, rc.head_dim, rc.rope_theta, rc.scale) == ("yarn", 64, 100000.0, 2.0)
 
 
-def test_spec_strings_and_with_method():
+def test_spec_strings_and_with_rope_type():
     rc = RopeConfig.from_hf(BASE)
-    yarn = rc.with_method("yarn:factor=4,beta_fast=16")
+    yarn = rc.with_rope_type("yarn:factor=4,beta_fast=16")
     assert (yarn.rope_type, yarn.scale, yarn.params.beta_fast, yarn.original_max_position_embeddings) == (
         "yarn", 4.0, 16.0, 8192)
-    assert rc.with_method("none") == rc
-    assert rc.with_method({"rope_type": "linear", "factor": 2}).rope_theta == 100000.0
+    assert rc.with_rope_type("none") == rc
+    assert rc.with_rope_type({"rope_type": "linear", "factor": 2}).rope_theta == 100000.0
     assert parse_spec("self-extend:group=8,window=1024") == {"rope_type": "self-extend", "group": 8,
                                                                "window": 1024}
+    lists = parse_spec("longrope:short_factor=[1,2],long_factor=[3, 4],factor=2")
+    assert lists == {"rope_type": "longrope", "short_factor": [1, 2], "long_factor": [3, 4], "factor": 2}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("yarn:factor=2,factor=3", "key 'factor' is given twice"),
+    ("longrope:short_factor=[1,2", "unbalanced"),
+    ("yarn:factor", "expected key=value"),
+])
+def test_spec_grammar_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_spec(spec)
+
+
+@pytest.mark.parametrize(("rope", "message"), [
+    # beta_fast=0 used to fall back to the default 32 (``raw.get("beta_fast") or 32``)
+    ({"rope_type": "yarn", "factor": 2, "beta_fast": 0}, r"'beta_fast'=0 is out of range \(0.0"),
+    ({"rope_type": "yarn", "factor": 2, "beta_slow": 0.0}, r"'beta_slow'=0.0 is out of range \(0.0"),
+    ({"rope_type": "yarn", "factor": 2, "truncate": "maybe"}, "'truncate' must be true or false"),
+])
+def test_falsy_values_are_validated_not_replaced_by_defaults(rope, message):
+    with pytest.raises(ValueError, match=message):
+        RopeConfig.from_hf(with_rope(**rope))
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), ("false", False), ("no", False), (1, True),
+                                                 ("YES", True), (0, False)])
+def test_truncate_flag_spellings(value, expected):
+    rc = RopeConfig.from_hf(with_rope(rope_type="yarn", factor=2, truncate=value))
+    assert rc.params.truncate is expected
 
 
 ERRORS = [
@@ -125,7 +165,7 @@ rope_keys = st.sampled_from(["rope_type", "type", "factor", "alpha", "rope_theta
                              "original_max_position_embeddings", "short_factor", "long_factor", "low_freq_factor",
                              "high_freq_factor", "attention_factor", "mscale", "mscale_all_dim", "truncate",
                              "partial_rotary_factor"])
-rope_types = st.sampled_from(sorted(METHODS) + ["none", "bogus", 3])
+rope_types = st.sampled_from(sorted(ROPE_TYPES) + ["none", "bogus", 3])
 model_keys = st.sampled_from(["head_dim", "hidden_size", "num_attention_heads", "rope_theta",
                               "max_position_embeddings", "partial_rotary_factor", "original_max_position_embeddings"])
 

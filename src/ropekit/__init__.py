@@ -1,9 +1,17 @@
-"""ropekit: rotary position embeddings for LLaMA-family models, exact, fast, and measured."""
+"""ropekit: rotary position embeddings for LLaMA-family models, exact, fast, and measured past the trained length.
 
-from ropekit.loading import load_model
-from ropekit.model.generate import generate
+``import ropekit`` loads the rope core and registers the fused kernels (torch and numpy only);
+everything else (model loading, generation, evaluation) is imported on first use of its name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import ropekit.kernels  # noqa: F401  (registers the fused kernels with the core's dispatch point)
 from ropekit.rope import (
-    METHODS,
+    ROPE_TYPES,
     RopeConfig,
     RotaryEmbedding,
     apply_rotary,
@@ -13,9 +21,32 @@ from ropekit.rope import (
     rope_cos_sin,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# name -> module that defines it, imported on first access (PEP 562)
+_LAZY = {
+    "load_model": "ropekit.loading",
+    "generate": "ropekit.model.generate",
+    "parse_extension": "ropekit.extension",
+    "ExtensionSpec": "ropekit.extension",
+    "ATTENTION_VARIANTS": "ropekit.attention",
+}
 
 __all__ = [
-    "METHODS", "RopeConfig", "RotaryEmbedding", "apply_rotary", "apply_rotary_qk", "compute_inv_freq",
-    "generate", "load_model", "parse_spec", "rope_cos_sin",
+    "ATTENTION_VARIANTS", "ExtensionSpec", "ROPE_TYPES", "RopeConfig", "RotaryEmbedding", "apply_rotary",
+    "apply_rotary_qk", "compute_inv_freq", "generate", "load_model", "parse_extension", "parse_spec", "rope_cos_sin",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name == "METHODS":
+        return ropekit.rope.__getattr__(name)
+    raise AttributeError(f"module 'ropekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,4 +1,4 @@
-"""The ``ropekit`` command line: a thin argparse front over the library.
+"""The ``ropekit`` command line.
 
 Each feature module exposes ``add_parsers(subparsers)``; each subcommand sets ``func`` to a
 handler ``(args) -> int``. Bad input (ValueError, FileNotFoundError) becomes a one-line
@@ -11,6 +11,11 @@ import argparse
 import importlib
 import sys
 
+DESCRIPTION = ("ropekit: rotary position embeddings (RoPE) for LLaMA-family models, and running them past "
+               "the context length they were trained on. Compare context-extension methods (YaRN, "
+               "Self-Extend, ReRoPE, ...) on perplexity and passkey retrieval, generate text with any of "
+               "them, and see why position encoding works (demos).")
+
 # Feature modules, in the order their subcommands are listed in --help.
 FEATURE_MODULES = ["compare", "eval", "generate", "demo"]
 
@@ -20,7 +25,8 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ropekit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ropekit", description=DESCRIPTION,
+                                     epilog="Run 'ropekit COMMAND --help' for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in FEATURE_MODULES:
         try:

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from ropekit.cli.eval import DEFAULT_MODEL, command_line
+from ropekit.cli.common import add_model, add_progress, add_threads, apply_threads, command_line
+from ropekit.cli.eval import load, log
 
 # Methods at scale s (the target length is s x the trained length L); {s} is the factor, {w}
 # the Self-Extend window (1024, or L/4 for small models) and {g} a group size whose reach
@@ -60,15 +61,15 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--out", default="ropekit-compare", help="output folder (default ropekit-compare)")
     p.add_argument("--full", action="store_true",
                    help="the full sweep: 2x, 4x, 8x the trained length, all methods, a passkey grid")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model (default smollm2)")
+    add_model(p)
     p.add_argument("--text", default=None, help="text file (default: the packaged Pride and Prejudice)")
     p.add_argument("--method", action="append", metavar="SPEC",
                    help="replace the method list (repeatable); scales still come from --full")
     p.add_argument("--passkey", action="store_true",
                    help="add the passkey check to the quick sweep (12,000 tokens, ~1 min per method)")
     p.add_argument("--no-passkey", action="store_true", help="skip the passkey grid (also with --full)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads(p)
+    add_progress(p)
     p.set_defaults(func=run)
 
 
@@ -95,27 +96,20 @@ def wants_passkey(args) -> bool:
 
 
 def run(args) -> int:
-    from tqdm.auto import tqdm
-
     from ropekit.eval.report import passkey_table, perplexity_table, write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, check_methods, trained_length
-    from ropekit.eval.text import load_tokens, text_name
-    from ropekit.loading import load_model
+    from ropekit.eval.text import encode_text, load_text, text_name, text_sha256
 
     if args.method:
         check_methods(args.method)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     out = Path(args.out)
     store = ResultStore(out / "results.json")
+    text = load_text(args.text)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    tokens = load_tokens(tokenizer, args.text)
+    model, tokenizer, identity = load(args)
+    tokens = encode_text(tokenizer, text)
     trained = trained_length(model)
     cells, passkey = plan(args, trained)
     with_passkey = wants_passkey(args)
@@ -124,11 +118,11 @@ def run(args) -> int:
                                              f", passkey {len(passkey['methods'])} methods x "
                                              f"{len(passkey['lengths'])} lengths x {len(passkey['depths'])} "
                                              f"depths x {passkey['trials']} trials"), file=sys.stderr)
-    sweeper = Sweeper(model, tokenizer, store, model_name=str(args.model), show_progress=not args.no_progress,
-                      log=tqdm.write)
+    sweeper = Sweeper(model, tokenizer, store, model_name=str(args.model), identity=identity,
+                      show_progress=not args.no_progress, log=log)
     ppl = []
     for spec, length in cells:
-        ppl += sweeper.perplexity(tokens, [spec], [length], text=text_name(args.text))
+        ppl += sweeper.perplexity(tokens, [spec], [length], text=text_name(args.text), text_sha256=text_sha256(text))
     keys = []
     if with_passkey:
         keys = sweeper.passkey(passkey["methods"], passkey["lengths"], passkey["depths"],

@@ -11,6 +11,8 @@ import importlib
 import time
 from pathlib import Path
 
+from ropekit.defaults import DEFAULT_MODEL
+
 # subcommand -> (module under ropekit.demos, one-line help, takes a model)
 DEMOS = {
     "permutation": ("permutation", "without position encoding, attention cannot see word order", True),
@@ -31,8 +33,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         demo.add_argument("--plot", type=Path, metavar="DIR", default=None, help="write PNG plots into DIR")
         demo.add_argument("--fast", action="store_true",
                           help="small sizes; skip the long-window real-model run (well under a minute)")
-        demo.add_argument("--model", default="smollm2", metavar="smollm2|PATH",
-                          help="the real model: smollm2 (default) or a .gguf file / HF folder")
+        demo.add_argument("--model", default=DEFAULT_MODEL, metavar=f"{DEFAULT_MODEL}|PATH",
+                          help=f"the real model: {DEFAULT_MODEL} (default) or a .gguf file / HF folder")
         demo.add_argument("--no-model", action="store_true", help="skip every real-model part")
         demo.set_defaults(func=run_demo)
 
@@ -45,7 +47,7 @@ def run_demo(args: argparse.Namespace) -> int:
         from ropekit.loading.default_model import is_model_name
 
         if not is_model_name(model):
-            raise ValueError(f"--model {model!r}: not a file or folder, nor a default model name (smollm2)")
+            raise ValueError(f"--model {model!r}: not a file or folder, nor a default model name ({DEFAULT_MODEL})")
     failed = []
     for name in names:
         module_name, _, takes_model = DEMOS[name]

@@ -2,23 +2,21 @@
 
 Both write ``DIR/results.json`` (a list of records, rewritten atomically after each finished
 cell, so an interrupted run resumes where it stopped), ``results.csv``, PNG plots and
-``report.md``. A method is ``--method SPEC`` (repeatable), see ``ropekit.model.extend.spec``.
+``report.md``. A method is ``--method SPEC`` (repeatable), see ``ropekit.extension``.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2"
+from ropekit.cli.common import add_model, add_progress, add_threads, apply_threads, command_line
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a .gguf file, an HF folder, or 'smollm2' (default)")
+    add_model(p)
     p.add_argument("--method", action="append", metavar="SPEC",
                    help="TYPE[:key=value,...][+TYPE...], repeatable, e.g. none, yarn:factor=2, "
                         "self-extend:group=8,window=1024, yarn:factor=2+self-extend:group=4,window=1024 "
@@ -26,8 +24,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", required=False,
                    help="comma-separated context lengths in tokens (default 4096,8192)")
     p.add_argument("--out", default=None, help="output folder (results.json, results.csv, plots, report.md)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads(p)
+    add_progress(p)
 
 
 def add_parsers(subparsers) -> None:
@@ -64,36 +62,28 @@ def setup(args) -> tuple[list[str], list[int], Path]:
 
     methods = check_methods(args.method or ["none"])
     lengths = parse_int_list(args.lengths or args.lengths_default, "--lengths")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     out = Path(args.out or f"ropekit-{args.eval_command}")
     return methods, lengths, out
 
 
 def load(args):
-    from ropekit.loading import load_model
+    """``(model, tokenizer, identity)``: identity goes into every result's cell key."""
+    from ropekit.loading import load_model, model_identity
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
+    identity = {"model_id": model_identity(args.model), "dtype": str(model.embed_tokens.weight.dtype).removeprefix(
+        "torch."), "device": model.embed_tokens.weight.device.type, "backend": "ropekit"}
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return model, tokenizer
-
-
-def command_line() -> str:
-    return "ropekit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return model, tokenizer, identity
 
 
 def run_perplexity(args) -> int:
-    from tqdm.auto import tqdm
-
     from ropekit.eval.report import perplexity_table, write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, check_max_tokens
-    from ropekit.eval.text import load_tokens, text_name
+    from ropekit.eval.text import encode_text, load_text, text_name, text_sha256
 
     methods, lengths, out = setup(args)
     if args.segment < 1:
@@ -101,13 +91,14 @@ def run_perplexity(args) -> int:
     if args.max_tokens is not None:
         check_max_tokens(args.max_tokens)  # before loading the model
     store = ResultStore(out / "results.json")
-    model, tokenizer = load(args)
-    tokens = load_tokens(tokenizer, args.text)
-    sweeper = Sweeper(model, tokenizer, store, model_name=str(args.model), show_progress=not args.no_progress,
-                      log=tqdm.write)
-    records = sweeper.perplexity(tokens, methods, lengths, text=text_name(args.text), protocol=args.protocol,
-                                 stride=args.stride, windows=args.windows, segment=args.segment,
-                                 max_tokens=args.max_tokens)
+    text = load_text(args.text)
+    model, tokenizer, identity = load(args)
+    tokens = encode_text(tokenizer, text)
+    sweeper = Sweeper(model, tokenizer, store, model_name=str(args.model), identity=identity,
+                      show_progress=not args.no_progress, log=log)
+    records = sweeper.perplexity(tokens, methods, lengths, text=text_name(args.text), text_sha256=text_sha256(text),
+                                 protocol=args.protocol, stride=args.stride, windows=args.windows,
+                                 segment=args.segment, max_tokens=args.max_tokens)
     write_outputs(out, store.records, title="ropekit eval perplexity", command=command_line())
     print(perplexity_table(records))
     print(f"\nwrote {out}/results.json, results.csv, perplexity.png, report.md")
@@ -115,8 +106,6 @@ def run_perplexity(args) -> int:
 
 
 def run_passkey(args) -> int:
-    from tqdm.auto import tqdm
-
     from ropekit.eval.report import passkey_table, write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, parse_float_list
@@ -126,11 +115,16 @@ def run_passkey(args) -> int:
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
     store = ResultStore(out / "results.json")
-    model, tokenizer = load(args)
-    sweeper = Sweeper(model, tokenizer, store, model_name=str(args.model), show_progress=not args.no_progress,
-                      log=tqdm.write)
+    model, tokenizer, identity = load(args)
+    sweeper = Sweeper(model, tokenizer, store, model_name=str(args.model), identity=identity,
+                      show_progress=not args.no_progress, log=log)
     records = sweeper.passkey(methods, lengths, depths, trials=args.trials, seed=args.seed)
     write_outputs(out, store.records, title="ropekit eval passkey", command=command_line())
     print(passkey_table(records))
     print(f"\nwrote {out}/results.json, results.csv, passkey.png, report.md")
     return 0
+
+
+def log(line: str) -> None:
+    """A finished cell's line, on stdout as it comes."""
+    print(line, flush=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_MODEL = "smollm2"
+from ropekit.cli.common import add_model
+
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
@@ -24,7 +25,8 @@ def add_parsers(subparsers) -> None:
                      help="context-extension method, as in 'ropekit eval': e.g. yarn:factor=2, "
                           "self-extend:group=4,window=1024, yarn:factor=2+self-extend:group=4,window=1024")
     gen.add_argument("--no-fast", action="store_true",
-                     help="decode with the model's own cached forward instead of the fast decode loop")
+                     help="run decode steps as torch ops instead of the fused C++ decode kernels")
+    gen.add_argument("--verbose", action="store_true", help="say on stderr which decode path runs")
     gen.set_defaults(func=run_generate)
 
     info = subparsers.add_parser("info", help="print a model's architecture and rope parameters")
@@ -33,8 +35,7 @@ def add_parsers(subparsers) -> None:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="smollm2 (default), a .gguf path, or an HF folder")
+    add_model(parser)
     parser.add_argument("--rope", default=None, metavar="TYPE",
                         help="override the rope type (e.g. yarn, linear, ntk, dynamic, llama3) or a full "
                              "spec 'yarn:factor=2,beta_fast=32'")
@@ -70,15 +71,20 @@ def _load(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from ropekit.model.extend.spec import apply_method, parse_method
+    from ropekit.extension import parse_extension
+    from ropekit.model.attention import apply_extension
     from ropekit.model.generate import generate
 
-    method = parse_method(args.method) if args.method else None  # bad SPECs fail before loading
-    if method is not None and args.rope is not None:
+    spec = parse_extension(args.method) if args.method else None  # bad specs fail before loading
+    if spec is not None and args.rope is not None:
         raise ValueError("give either --method SPEC or --rope TYPE, not both")
     model, tokenizer = _load(args)
-    if method is not None:
-        apply_method(model, method)
+    if spec is not None:
+        apply_extension(model, spec)
+    if args.verbose:
+        path = "torch ops (--no-fast)" if args.no_fast else model.decode_path()
+        print(f"ropekit generate: attention {model.attention.name}, rope {model.config.rope.describe()}; "
+              f"decode steps: {path}", file=sys.stderr)
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)
@@ -112,7 +118,8 @@ def run_info(args: argparse.Namespace) -> int:
         ("rotary dim", rope.rotary_dim),
         ("rope parameters", rope.describe()),
         ("attention factor", f"{model.rope.attention_factor:.6g}"),
-        ("attention method", type(model.attention_method).__name__),
+        ("attention", model.attention.name),
+        ("decode path", model.decode_path()),
         ("bos / eos", f"{tokenizer.bos_token_id} / {tokenizer.eos_token_id}"),
         ("chat template", "yes" if tokenizer.chat_template else "no"),
     ]

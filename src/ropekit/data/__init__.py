@@ -1,6 +1,5 @@
-"""Data shipped with ropekit (the default evaluation text)."""
+"""Data shipped with ropekit: the default evaluation text (see ``ropekit.defaults``)."""
 
-from pathlib import Path
+from ropekit.defaults import default_text_path
 
-DATA_DIR = Path(__file__).resolve().parent
-DEFAULT_TEXT = DATA_DIR / "pride-and-prejudice.txt"
+DEFAULT_TEXT = default_text_path()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = "smollm2"
+from ropekit.defaults import DEFAULT_MODEL
 
 
 @dataclass
@@ -111,10 +111,10 @@ def get_model(model: ModelArg = DEFAULT_MODEL) -> tuple[Any, Any]:
 
 
 @contextmanager
-def attention_method(model, method) -> Iterator[None]:
-    """Install another ``AttentionMethod`` on ``model`` for the duration of the block."""
-    previous = model.attention_method
-    model.set_attention(method)
+def using_attention(model, attention) -> Iterator[None]:
+    """Install another ``EngineAttention`` on ``model`` for the duration of the block."""
+    previous = model.attention
+    model.set_attention(attention)
     try:
         yield
     finally:
@@ -122,7 +122,7 @@ def attention_method(model, method) -> Iterator[None]:
 
 
 @contextmanager
-def rope_method(model, spec) -> Iterator[None]:
+def using_rope(model, spec) -> Iterator[None]:
     """Switch ``model``'s rope (a spec string, dict or RopeConfig) for the duration of the block."""
     previous = model.config.rope
     model.set_rope(spec)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ropekit.defaults import default_text_path
 from ropekit.demos.common import (
     DEFAULT_MODEL,
     DemoResult,
@@ -24,15 +25,16 @@ from ropekit.demos.common import (
     get_model,
     heading,
     new_figure,
-    rope_method,
     save_plot,
+    using_rope,
 )
+from ropekit.eval.perplexity import window_nll
 from ropekit.rope import RopeConfig
 
 # The default model's rope (SmolLM2-135M): head_dim 64, base 100000, trained length 8192.
 MODEL_ROPE = RopeConfig(head_dim=64, rope_theta=100000.0, max_position_embeddings=8192)
 SCALE = 4
-METHODS = {
+ROPE_SCALINGS = {
     "linear (PI)": f"linear:factor={SCALE}",
     "NTK-aware": f"ntk:factor={SCALE}",
     "YaRN": f"yarn:factor={SCALE}",
@@ -42,7 +44,6 @@ METHODS = {
 RATIO_TOLERANCE = 1e-6
 
 WINDOW = 16384  # 2x the trained length
-CHUNK = 2048  # the window runs through the KV cache in chunks, so logits stay [CHUNK, V]
 BUCKET = 1024
 MODEL_SCALINGS = ("yarn:factor=2",)
 
@@ -108,8 +109,8 @@ def methods_part(result: DemoResult, plot_dir: Path | None) -> None:
     lam = wavelengths(inv_freq)
     critical = lam > L
     ratios, in_range = {}, {}
-    for label, spec in METHODS.items():
-        scaled, _ = rope.with_method(spec).frequencies()
+    for label, spec in ROPE_SCALINGS.items():
+        scaled, _ = rope.with_rope_type(spec).frequencies()
         ratios[label] = wavelength_ratio(scaled, inv_freq)
         in_range[label] = stays_in_trained_range(scaled, inv_freq, SCALE * L, L)
     print(f"  {'method':<12} {'pair 0':>8} {'pair 16':>8} {'pair 20':>8} {'pair 31':>8}   "
@@ -125,7 +126,7 @@ def methods_part(result: DemoResult, plot_dir: Path | None) -> None:
     def close(a: torch.Tensor, b: float) -> bool:
         return bool(((a - b).abs() <= RATIO_TOLERANCE * b).all())
 
-    lin, ntk, yarn, llama3 = (ratios[k] for k in METHODS)
+    lin, ntk, yarn, llama3 = (ratios[k] for k in ROPE_SCALINGS)
     result.check("linear stretches every wavelength by s", close(lin, SCALE))
     result.check("NTK keeps pair 0 and stretches the last pair by exactly s",
                  close(ntk[:1], 1.0) and close(ntk[-1:], SCALE), f"{float(ntk[0]):.4f}, {float(ntk[-1]):.4f}")
@@ -152,21 +153,10 @@ def methods_part(result: DemoResult, plot_dir: Path | None) -> None:
 # --- the real model -----------------------------------------------------------------------------
 
 
-def token_nll(model, ids: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """-log p(ids[t+1] | ids[..t]) for t < T-1, ``(T-1,)`` float32; ids ``(T,)`` long.
-
-    The window runs through a KV cache ``chunk`` tokens at a time (positions continue), so only a
-    ``[chunk, V]`` slice of logits exists at once; the result equals one forward over the window.
-    """
-    T = ids.shape[0]
-    cache = model.new_cache(1, T)
-    parts = []
-    with torch.no_grad():
-        for start in range(0, T, chunk):
-            log_probs = model(ids[None, start:start + chunk], cache=cache)[0].log_softmax(-1)  # [c, V]
-            targets = ids[start + 1:start + chunk + 1]  # the next token of each position, if any
-            parts.append(-log_probs[: len(targets)].gather(1, targets[:, None])[:, 0])
-    return torch.cat(parts)
+def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """-log p(ids[t+1] | ids[..t]) for t < T-1, ``(T-1,)``; ids ``(T,)`` long (the lab's ``window_nll``:
+    one forward, logits in chunks, so a ``T x V`` matrix never exists)."""
+    return window_nll(model, ids).float()
 
 
 def bucket_means(nll: torch.Tensor, bucket: int) -> torch.Tensor:
@@ -176,10 +166,7 @@ def bucket_means(nll: torch.Tensor, bucket: int) -> torch.Tensor:
 
 def load_window(tokenizer, window: int, text_path: Path | None = None) -> torch.Tensor:
     """The first ``window`` tokens of ``text_path`` (default: the shipped Pride and Prejudice), long."""
-    if text_path is None:
-        from ropekit.data import DEFAULT_TEXT
-
-        text_path = DEFAULT_TEXT
+    text_path = text_path if text_path is not None else default_text_path()
     text = Path(text_path).read_text(encoding="utf-8")
     ids = tokenizer.encode(text[: 8 * window])  # English BPE: ~4 characters a token; skip the rest
     if len(ids) < window:
@@ -188,7 +175,7 @@ def load_window(tokenizer, window: int, text_path: Path | None = None) -> torch.
 
 
 def model_part(result: DemoResult, plot_dir: Path | None, model_arg: ModelArg, window: int = WINDOW,
-               scalings: tuple[str, ...] = MODEL_SCALINGS, chunk: int = CHUNK) -> None:
+               scalings: tuple[str, ...] = MODEL_SCALINGS) -> None:
     model, tokenizer = get_model(model_arg)
     L = model.config.rope.original_max_position_embeddings or model.config.max_position_embeddings
     heading(f"the real model: next-token loss by position over one {window}-token window (trained {L})")
@@ -196,8 +183,8 @@ def model_part(result: DemoResult, plot_dir: Path | None, model_arg: ModelArg, w
     curves = {}
     for spec in ("default", *scalings):
         started = time.perf_counter()
-        with rope_method(model, model.config.rope if spec == "default" else spec):
-            curves[spec] = token_nll(model, ids, chunk)
+        with using_rope(model, model.config.rope if spec == "default" else spec):
+            curves[spec] = token_nll(model, ids)
         print(f"  {spec}: {time.perf_counter() - started:.0f} s")
     buckets = {spec: bucket_means(nll, BUCKET) for spec, nll in curves.items()}
     print(f"  mean loss (nats) per {BUCKET}-token bucket; '|' marks the trained length")

@@ -18,10 +18,10 @@ from ropekit.demos.common import (
     DEFAULT_MODEL,
     DemoResult,
     ModelArg,
-    attention_method,
     explain,
     get_model,
     heading,
+    using_attention,
 )
 
 PROMPT = "The quick brown fox"
@@ -41,10 +41,10 @@ class DecodeTrace:
 
 
 def recording_method():
-    """The model's default ``AttentionMethod``, also recording each forward pass's positions."""
-    from ropekit.model.attention import AttentionMethod
+    """The model's default ``RopeAttention``, also recording each forward pass's positions."""
+    from ropekit.model.attention import RopeAttention
 
-    class RecordPositions(AttentionMethod):
+    class RecordPositions(RopeAttention):
         name = "rope+record"
 
         def __init__(self):
@@ -66,7 +66,7 @@ def greedy_decode(model, prompt: list[int], steps: int, *, restart_positions: bo
     cache = model.new_cache(1, len(prompt) + steps)
     recorder = recording_method()
     feed = torch.tensor([prompt])
-    with attention_method(model, recorder), torch.no_grad():
+    with using_attention(model, recorder), torch.no_grad():
         for _ in range(steps):
             positions = torch.arange(feed.shape[1]) if restart_positions else None
             logits = model(feed, positions=positions, cache=cache)[0, -1]  # (V,)

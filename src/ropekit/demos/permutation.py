@@ -4,7 +4,7 @@ The seed's toy: vocabulary 5, width 10, 2 heads (head dim 5), plain Q/K/V projec
 softmax attention. Tokens [1, 2, 3] and [2, 1, 3] give the same output rows, swapped; the last
 row, the one that predicts the next token, is the same. Then the caveats: a causal mask breaks
 the permutation for earlier rows; RoPE changes the last row. Finally the real model, with RoPE
-switched off and a bidirectional mask (through the model's ``AttentionMethod`` hook), predicts
+switched off and a bidirectional mask (through the model's ``set_attention`` hook), predicts
 the same next-token distribution for any order of the earlier prompt tokens.
 """
 
@@ -20,12 +20,12 @@ from ropekit.demos.common import (
     DEFAULT_MODEL,
     DemoResult,
     ModelArg,
-    attention_method,
     explain,
     format_top,
     get_model,
     heading,
     top_tokens,
+    using_attention,
 )
 from ropekit.rope import RopeConfig, apply_rotary, rope_cos_sin
 
@@ -128,13 +128,14 @@ def toy_part(result: DemoResult) -> None:
 
 
 def position_free_method(rope: bool, causal: bool):
-    """An ``AttentionMethod`` for the demo: RoPE on or off, causal or bidirectional (no cache).
+    """An ``EngineAttention`` for the demo: RoPE on or off, causal or bidirectional (no cache).
 
     It plugs into the model's documented extension point (``model.set_attention``).
     """
-    from ropekit.model.attention import AttentionMethod, sdpa
+    from ropekit.attention import sdpa
+    from ropekit.model.attention import RopeAttention
 
-    class PositionProbe(AttentionMethod):
+    class PositionProbe(RopeAttention):
         name = f"{'rope' if rope else 'no-rope'}-{'causal' if causal else 'bidirectional'}"
 
         def prepare(self, context) -> None:
@@ -146,7 +147,9 @@ def position_free_method(rope: bool, causal: bool):
         def attend(self, layer_idx, q, k, v, context):
             if rope:
                 q, k = apply_rotary(q, context.cos, context.sin), apply_rotary(k, context.cos, context.sin)
-            return sdpa(q, k, v, None, causal)
+            # mask None: causal by slot; an all-True mask: every token sees every other (bidirectional)
+            everyone = torch.ones(1, 1, q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+            return sdpa(q, k, v, None if causal else everyone)
 
     return PositionProbe()
 
@@ -176,7 +179,7 @@ def model_part(result: DemoResult, model_arg: ModelArg, prompt: str = MODEL_PROM
     rows = {}
     for rope in (False, True):
         for causal in (False, True):
-            with attention_method(model, position_free_method(rope, causal)):
+            with using_attention(model, position_free_method(rope, causal)):
                 lp_a, lp_b = next_token_log_probs(model, ids_a), next_token_log_probs(model, ids_b)
             rows[rope, causal] = (lp_a, lp_b, max_diff(lp_a, lp_b))
     print("  max |log p_A - log p_B| over the vocabulary:")

@@ -13,9 +13,9 @@ import random
 import re
 import time
 
-import torch
-
 from ropekit.eval.memory import PeakMemory
+from ropekit.model.generate import generate_ids
+from ropekit.progress import Progress
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -61,37 +61,28 @@ def trial_keys(seed: int, length: int, depth: float, trials: int) -> list[int]:
     return [rng.randint(10000, 99999) for _ in range(trials)]
 
 
-@torch.inference_mode()
-def greedy(model, ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
-    """Greedy continuation of ``ids`` with a KV cache (prefill keeps only the last logits)."""
-    cache = model.new_cache(1, len(ids) + max_new_tokens)
-    logits = model(torch.tensor([ids]), cache=cache, logits_to_keep=1)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        if len(out) == max_new_tokens:
-            break
-        logits = model(torch.tensor([[token]]), cache=cache)
-    return out
+def greedy(model, ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS, on_prefill_layer=None) -> list[int]:
+    """Greedy continuation of ``ids`` through the engine's own generation loop (KV cache)."""
+    return [int(t[0]) for t in generate_ids(model, [ids], max_new_tokens=max_new_tokens,
+                                            on_prefill_layer=on_prefill_layer)]
 
 
-def run_trial(model, tokenizer, length: int, depth: float, key: int) -> dict:
+def run_trial(model, tokenizer, length: int, depth: float, key: int, on_prefill_layer=None) -> dict:
     ids = passkey_prompt(tokenizer, length, depth, key)
-    answer = tokenizer.decode(greedy(model, ids), skip_special_tokens=True)
+    answer = tokenizer.decode(greedy(model, ids, on_prefill_layer=on_prefill_layer), skip_special_tokens=True)
     return {"key": key, "answer": answer, "correct": first_integer(answer) == key, "prompt_tokens": len(ids)}
 
 
 def evaluate_passkey(model, tokenizer, length: int, depth: float, trials: int, seed: int,
-                     progress=None) -> dict:
-    """Accuracy over ``trials`` seeded keys at one (length, depth); metrics dict with per-trial details."""
+                     progress: Progress | None = None) -> dict:
+    """Accuracy over ``trials`` seeded keys at one (length, depth); metrics dict with per-trial details.
+    ``progress`` advances by one per layer of each trial's prompt."""
     start = time.perf_counter()
     details = []
+    on_layer = (lambda i: progress.update(1)) if progress is not None else None
     with PeakMemory() as mem:
         for key in trial_keys(seed, length, depth, trials):
-            details.append(run_trial(model, tokenizer, length, depth, key))
-            if progress is not None:
-                progress(1)
+            details.append(run_trial(model, tokenizer, length, depth, key, on_layer))
     correct = sum(d["correct"] for d in details)
     return {"accuracy": correct / trials, "correct": correct, "prompt_tokens": details[0]["prompt_tokens"],
             "details": details, "seconds": round(time.perf_counter() - start, 2),

@@ -20,40 +20,36 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ropekit.eval.memory import PeakMemory
+from ropekit.progress import Progress
 
 LOGIT_CHUNK = 2048
 
 
 @torch.inference_mode()
-def window_nll(model, ids: torch.Tensor, logit_chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+def window_nll(model, ids: torch.Tensor, logit_chunk: int = LOGIT_CHUNK,
+               on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
     """NLL of each token given the ones before it, in one forward pass.
 
-    ids: long ``[T]`` -> float64 ``[T - 1]``, entry t-1 being -log p(ids[t] | ids[:t]).
+    ids: long ``[T]`` -> float64 ``[T - 1]``, entry t-1 being -log p(ids[t] | ids[:t]). The logits
+    come from the final hidden states in chunks of ``logit_chunk`` rows (never ``T x V`` at once).
+    ``on_layer(i)`` is called after each layer (progress).
     """
-    ids = ids.reshape(1, -1)
-    hidden = final_hidden(model, ids)[0, :-1]  # [T-1, C]
+    ids = ids.reshape(1, -1).to(model.embed_tokens.weight.device)
+    hidden = model.hidden_states(ids, on_layer=on_layer)[0, :-1]  # [T-1, C]
     targets = ids[0, 1:]
     out = torch.empty(targets.shape[0], dtype=torch.float64)
     for a in range(0, targets.shape[0], logit_chunk):
         logits = model.lm_head(hidden[a:a + logit_chunk]).float()  # [chunk, V]
         nll = F.cross_entropy(logits, targets[a:a + logit_chunk], reduction="none")
-        out[a:a + logit_chunk] = nll.double()
+        out[a:a + logit_chunk] = nll.double().cpu()
     return out
-
-
-def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
-    """The normed last hidden states ``[B, T, C]`` of a ``LlamaModel`` (its forward without lm_head)."""
-    context = model.attention_context(ids, None, None, None)
-    x = model.embed_tokens(ids)
-    for layer in model.layers:
-        x = layer(x, context)
-    return model.norm(x)
 
 
 @dataclass
@@ -68,20 +64,27 @@ class NllTally:
     text_beyond: list[float] = field(default_factory=lambda: [0.0, 0])
     segments: dict[int, list[float]] = field(default_factory=dict)
     segment_by_text: bool = False
+    bucket: int = 256
+    buckets: dict[int, list[float]] = field(default_factory=dict)
 
     def add(self, nll: torch.Tensor, positions: torch.Tensor, text_positions: torch.Tensor) -> None:
         """nll float ``[n]`` of tokens at window positions ``[n]`` and text indices ``[n]``."""
+        if nll.numel() == 0:
+            return
         for acc, sel in ((self.total, slice(None)), (self.inside, positions < self.trained),
                          (self.beyond, positions >= self.trained), (self.text_beyond, text_positions >= self.trained)):
             part = nll[sel]
             acc[0] += float(part.sum())
             acc[1] += int(part.numel())
-        seg = torch.div(text_positions if self.segment_by_text else positions, self.segment, rounding_mode="floor")
-        for s in seg.unique().tolist():
-            acc = self.segments.setdefault(int(s), [0.0, 0])
-            part = nll[seg == s]
-            acc[0] += float(part.sum())
-            acc[1] += int(part.numel())
+        where = text_positions if self.segment_by_text else positions
+        for size, table in ((self.segment, self.segments), (self.bucket, self.buckets)):
+            index = torch.div(where, size, rounding_mode="floor")
+            sums = torch.zeros(int(index.max()) + 1, dtype=torch.float64).index_add_(0, index, nll.double())
+            counts = torch.bincount(index, minlength=sums.numel())
+            for i in counts.nonzero().flatten().tolist():
+                acc = table.setdefault(i, [0.0, 0])
+                acc[0] += float(sums[i])
+                acc[1] += int(counts[i])
 
     def summary(self) -> dict:
         return {
@@ -91,6 +94,8 @@ class NllTally:
             "tokens_beyond": int(self.beyond[1]),
             "segments": [{"start": s * self.segment, "end": (s + 1) * self.segment, "ppl": _ppl(acc),
                           "tokens": int(acc[1])} for s, acc in sorted(self.segments.items())],
+            "bucket": self.bucket,
+            "bucket_nll": {str(b * self.bucket): round(acc[0] / acc[1], 6) for b, acc in sorted(self.buckets.items())},
         }
 
 
@@ -132,20 +137,21 @@ def plan_windows(num_tokens: int, length: int, protocol: str, stride: int | None
 
 
 def evaluate_perplexity(model, tokens: torch.Tensor, length: int, *, trained: int, protocol: str = "single",
-                        stride: int | None = None, windows: int = 1, segment: int = 4096,
-                        progress=None) -> dict:
+                        stride: int | None = None, windows: int = 1, segment: int = 4096, bucket: int = 256,
+                        progress: Progress | None = None) -> dict:
     """Perplexity of ``tokens`` (long ``[N]``) with windows of ``length``; returns the metrics dict
-    (``ppl``, ``ppl_in_window``, ``ppl_beyond``, counts, ``segments``, ``seconds``, ``peak_mem_mb``)."""
+    (``ppl``, ``ppl_in_window``, ``ppl_beyond``, counts, ``segments``, ``bucket_nll`` (mean NLL per
+    ``bucket`` positions, keyed by the bucket's first position), ``seconds``, ``peak_mem_mb``).
+    ``progress`` advances by one per layer of each window."""
     plan = plan_windows(int(tokens.shape[0]), length, protocol, stride, windows)
-    tally = NllTally(trained=trained, segment=segment, segment_by_text=protocol == "sliding")
+    tally = NllTally(trained=trained, segment=segment, segment_by_text=protocol == "sliding", bucket=bucket)
+    on_layer = (lambda i: progress.update(1)) if progress is not None else None
     start = time.perf_counter()
     with PeakMemory() as mem:
         for begin, end, first in plan:
-            nll = window_nll(model, tokens[begin:end])  # targets at window positions 1..end-begin-1
+            nll = window_nll(model, tokens[begin:end], on_layer=on_layer)  # targets at positions 1..end-begin-1
             positions = torch.arange(1, end - begin)
             keep = positions >= first
             tally.add(nll[keep], positions[keep], begin + positions[keep])
-            if progress is not None:
-                progress(1)
     return {**tally.summary(), "windows_run": len(plan), "seconds": round(time.perf_counter() - start, 2),
             "peak_mem_mb": round(mem.peak_mb, 1), "peak_mem_delta_mb": round(mem.delta_mb, 1)}

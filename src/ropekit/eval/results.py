@@ -15,10 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Fields that identify a cell, per task; a record matches a planned cell when all agree.
+# Every input that changes a cell's numbers, per task; a record matches a planned cell when all agree
+# (a field absent from an older record reads as None, so such a record matches no new cell).
+RUN_KEYS = ("model", "model_id", "dtype", "device", "backend")
 CELL_KEYS = {
-    "perplexity": ("task", "model", "text", "method", "length", "protocol", "stride", "windows"),
-    "passkey": ("task", "model", "method", "length", "depth", "trials", "seed"),
+    "perplexity": ("task", *RUN_KEYS, "text", "text_sha256", "method", "length", "protocol", "stride", "windows",
+                   "max_tokens", "segment"),
+    "passkey": ("task", *RUN_KEYS, "method", "length", "depth", "trials", "seed"),
 }
 
 
@@ -27,11 +30,16 @@ def cell_key(record: dict[str, Any]) -> tuple:
 
 
 class ResultStore:
-    """The records in ``path`` (a JSON list), with ``find`` for resuming and atomic ``add``."""
+    """The records in ``path`` (a JSON list), with ``find`` for resuming and atomic ``add``.
+
+    Opening a store checks that its folder can be created and written (ValueError otherwise), so a
+    bad ``--out`` fails before the first cell runs rather than after it.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
+        _check_writable(self.path)
         if self.path.exists():
             try:
                 loaded = json.loads(self.path.read_text())
@@ -61,7 +69,30 @@ class ResultStore:
         return [r for r in self.records if r.get("task") == task]
 
 
+def _check_writable(path: Path) -> None:
+    """ValueError unless ``path`` (a JSON file) can be written: its folder creatable and writable, and
+    the path itself not a folder."""
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output folder {folder} is a file; give --out a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {folder}: {err.strerror}") from None
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} exists and is not a file; move it away or choose another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {folder} is not writable")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (temp file, fsync, rename), with the user's umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -70,6 +101,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
             json.dump(data, f, indent=1)
             f.write("\n")
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600 files
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

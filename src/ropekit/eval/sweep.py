@@ -1,22 +1,25 @@
 """Resumable sweeps: methods x lengths (perplexity) and methods x lengths x depths (passkey).
 
 Every finished cell goes into a ``ResultStore`` at once (atomic rewrite); cells already in the
-store are skipped, so an interrupted sweep resumes where it stopped. The model is switched
-between methods with ``apply_method`` from its own (loaded) rope.
+store are skipped, so an interrupted sweep resumes where it stopped. A cell is identified by
+every input that changes its numbers (see ``ropekit.eval.results.CELL_KEYS``). The model is
+switched between specs with ``apply_extension`` from its own (loaded) rope.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ropekit.eval.passkey import evaluate_passkey
-from ropekit.eval.perplexity import evaluate_perplexity
+from ropekit.eval.perplexity import evaluate_perplexity, plan_windows
 from ropekit.eval.results import ResultStore
-from ropekit.model.extend import apply_method, parse_method
+from ropekit.extension import parse_extension
+from ropekit.model.attention import apply_extension
+from ropekit.progress import Progress
 
 
 def trained_length(model) -> int:
@@ -26,11 +29,11 @@ def trained_length(model) -> int:
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
-    """Validate every SPEC up front (ValueError before any model time is spent)."""
+    """Validate every spec up front (ValueError before any model time is spent)."""
     if not methods:
         raise ValueError("give at least one --method")
     for spec in methods:
-        parse_method(spec)
+        parse_extension(spec)
     return list(methods)
 
 
@@ -41,78 +44,78 @@ def check_max_tokens(max_tokens: int) -> None:
 
 
 class Sweeper:
-    """Runs cells on one loaded model, switching methods, storing each finished cell."""
+    """Runs cells on one loaded model, switching specs, storing each finished cell.
 
-    def __init__(self, model, tokenizer, store: ResultStore, *, model_name: str, show_progress: bool = True,
+    ``identity`` holds what identifies the run besides the cell's own fields (``model_id``: the
+    model file's identity; ``dtype``, ``device``, ``backend``): it goes into every cell key.
+    """
+
+    def __init__(self, model, tokenizer, store: ResultStore, *, model_name: str,
+                 identity: dict[str, Any] | None = None, show_progress: bool = True,
                  log: Callable[[str], None] = print):
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.model_name, self.show_progress, self.log = model_name, show_progress, log
+        self.identity = dict(identity or {})
         self.base_rope = model.config.rope
         self.trained = trained_length(model)
+        self.layers = model.config.num_hidden_layers
 
     def _use(self, spec: str) -> dict:
-        method = apply_method(self.model, spec, self.base_rope)
-        return {"rope": self.model.config.rope.describe(), "attention": method.attention_name}
+        applied = apply_extension(self.model, spec, self.base_rope)
+        return {"rope": self.model.config.rope.describe(), "attention": applied.attention_name}
 
-    def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.show_progress, leave=False, dynamic_ncols=True)
+    def _progress(self, total: int, desc: str) -> Progress:
+        return Progress(total, desc, enabled=self.show_progress, unit="layers")
 
     def perplexity(self, tokens: torch.Tensor, methods: Sequence[str], lengths: Sequence[int], *, text: str,
-                   protocol: str = "single", stride: int | None = None, windows: int = 1,
-                   segment: int = 4096, max_tokens: int | None = None) -> list[dict]:
+                   text_sha256: str | None = None, protocol: str = "single", stride: int | None = None,
+                   windows: int = 1, segment: int = 4096, max_tokens: int | None = None) -> list[dict]:
         """One record per (method, length) cell, resumed from the store when already finished.
         max_tokens: only the first max_tokens tokens of the text are used (mostly for sliding runs)."""
         if max_tokens is not None:
             check_max_tokens(max_tokens)
             tokens = tokens[:max_tokens]
         out = []
-        cells = [(m, n) for m in methods for n in lengths]
-        with self._bar(len(cells), "perplexity") as bar:
-            for spec, length in cells:
-                cell = {"task": "perplexity", "model": self.model_name, "text": text, "method": spec,
-                        "length": int(length), "protocol": protocol,
-                        "stride": stride if protocol == "sliding" else None, "windows": windows}
-                if max_tokens is not None:  # absent otherwise, so earlier result files still resume
-                    cell["max_tokens"] = int(max_tokens)
-                done = self.store.find(cell)
-                if done is None:
-                    bar.set_description(f"ppl {spec} @ {length}")
-                    info = self._use(spec)
+        for spec, length in [(m, n) for m in methods for n in lengths]:
+            cell = {"task": "perplexity", "model": self.model_name, **self.identity, "text": text,
+                    "text_sha256": text_sha256, "method": spec, "length": int(length), "protocol": protocol,
+                    "stride": stride if protocol == "sliding" else None, "windows": windows,
+                    "max_tokens": None if max_tokens is None else int(max_tokens), "segment": segment}
+            done = self.store.find(cell)
+            if done is None:
+                info = self._use(spec)
+                n_windows = len(plan_windows(int(tokens.shape[0]), int(length), protocol, stride, windows))
+                with self._progress(n_windows * self.layers, f"ppl {spec} @ {length}") as bar:
                     metrics = evaluate_perplexity(self.model, tokens, int(length), trained=self.trained,
                                                   protocol=protocol, stride=stride, windows=windows,
-                                                  segment=segment)
-                    done = {**cell, **info, "trained_length": self.trained, "segment": segment, **metrics,
-                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                    self.store.add(done)
-                    self.log(f"  {spec:<45} L={length:<6} ppl {_fmt(done['ppl'])}  in-window "
-                             f"{_fmt(done['ppl_in_window'])}  beyond {_fmt(done['ppl_beyond'])}  "
-                             f"({done['seconds']:.0f} s, peak {done['peak_mem_mb']:.0f} MB)")
-                out.append(done)
-                bar.update(1)
+                                                  segment=segment, progress=bar)
+                done = {**cell, **info, "trained_length": self.trained, **metrics,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                self.store.add(done)
+                self.log(f"  {spec:<45} L={length:<6} ppl {_fmt(done['ppl'])}  in-window "
+                         f"{_fmt(done['ppl_in_window'])}  beyond {_fmt(done['ppl_beyond'])}  "
+                         f"({done['seconds']:.0f} s, peak {done['peak_mem_mb']:.0f} MB)")
+            out.append(done)
         return out
 
     def passkey(self, methods: Sequence[str], lengths: Sequence[int], depths: Sequence[float], *,
                 trials: int, seed: int) -> list[dict]:
         out = []
-        cells = [(m, n, d) for m in methods for n in lengths for d in depths]
-        with self._bar(len(cells) * trials, "passkey") as bar:
-            for spec, length, depth in cells:
-                cell = {"task": "passkey", "model": self.model_name, "method": spec, "length": int(length),
-                        "depth": float(depth), "trials": int(trials), "seed": int(seed)}
-                done = self.store.find(cell)
-                if done is None:
-                    bar.set_description(f"passkey {spec} @ {length}, depth {depth:g}")
-                    info = self._use(spec)
+        for spec, length, depth in [(m, n, d) for m in methods for n in lengths for d in depths]:
+            cell = {"task": "passkey", "model": self.model_name, **self.identity, "method": spec,
+                    "length": int(length), "depth": float(depth), "trials": int(trials), "seed": int(seed)}
+            done = self.store.find(cell)
+            if done is None:
+                info = self._use(spec)
+                with self._progress(trials * self.layers, f"passkey {spec} @ {length}, depth {depth:g}") as bar:
                     metrics = evaluate_passkey(self.model, self.tokenizer, int(length), float(depth),
-                                               int(trials), int(seed), progress=bar.update)
-                    done = {**cell, **info, "trained_length": self.trained, **metrics,
-                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                    self.store.add(done)
-                    self.log(f"  {spec:<45} L={length:<6} depth {depth:<4g} accuracy {done['accuracy']:.0%} "
-                             f"({done['seconds']:.0f} s)")
-                else:
-                    bar.update(trials)
-                out.append(done)
+                                               int(trials), int(seed), progress=bar)
+                done = {**cell, **info, "trained_length": self.trained, **metrics,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                self.store.add(done)
+                self.log(f"  {spec:<45} L={length:<6} depth {depth:<4g} accuracy {done['accuracy']:.0%} "
+                         f"({done['seconds']:.0f} s)")
+            out.append(done)
         return out
 
 

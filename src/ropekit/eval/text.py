@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-DEFAULT_TEXT = "pride-and-prejudice.txt"
-
-
-def default_text_path() -> Path:
-    """The copy of *Pride and Prejudice* shipped inside the package (``ropekit/data``)."""
-    return Path(str(resources.files("ropekit") / "data" / DEFAULT_TEXT))
+from ropekit.defaults import DEFAULT_TEXT_NAME, default_text_path
 
 
 def load_text(path: str | os.PathLike | None = None) -> str:
@@ -27,10 +22,20 @@ def load_text(path: str | os.PathLike | None = None) -> str:
     return text
 
 
-def load_tokens(tokenizer, path: str | os.PathLike | None = None) -> torch.Tensor:
+def encode_text(tokenizer, text: str) -> torch.Tensor:
     """The whole text as token ids, long ``[N]`` (no BOS: the text is scored as a continuous stream)."""
-    return torch.tensor(tokenizer.encode(load_text(path)), dtype=torch.long)
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+
+
+def load_tokens(tokenizer, path: str | os.PathLike | None = None) -> torch.Tensor:
+    """The text at ``path`` (default: the packaged book) as token ids, long ``[N]``."""
+    return encode_text(tokenizer, load_text(path))
 
 
 def text_name(path: str | os.PathLike | None) -> str:
-    return Path(path).name if path is not None else DEFAULT_TEXT
+    return Path(path).name if path is not None else DEFAULT_TEXT_NAME
+
+
+def text_sha256(text: str) -> str:
+    """The first 16 hex digits of the text's SHA-256: identifies it in result records (names can collide)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -15,7 +15,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def supports(x: torch.Tensor) -> bool:
-    """CPU float32/bfloat16/float16 tensors, when the extension builds here."""
+    """CPU float32/bfloat16/float16 tensors, when the extension builds here (the first call builds it)."""
     return x.device.type == "cpu" and x.dtype in DTYPES and cpu_extension() is not None
 
 

@@ -17,15 +17,8 @@ from __future__ import annotations
 import os
 
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = tl = None
-    HAVE_TRITON = False
+import triton
+import triton.language as tl
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -37,7 +30,7 @@ def interpreting() -> bool:
 
 def supports(x: torch.Tensor) -> bool:
     """CUDA float tensors; CPU tensors too under the interpreter."""
-    return HAVE_TRITON and x.dtype in DTYPES and (x.is_cuda or (interpreting() and x.device.type == "cpu"))
+    return x.dtype in DTYPES and (x.is_cuda or (interpreting() and x.device.type == "cpu"))
 
 
 def _rope_kernel(
@@ -206,6 +199,4 @@ class _RotateVarlen(torch.autograd.Function):
 def apply_rotary_varlen(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                         max_seqlen: int, *, layout: str = "half", seqlen_offset: int = 0) -> torch.Tensor:
     """Differentiable ``rotate_varlen`` (gradient in x): the flash-attn style packed entry."""
-    if not HAVE_TRITON:
-        raise RuntimeError("apply_rotary_varlen needs triton (pip install triton)")
     return _RotateVarlen.apply(x, cos, sin, cu_seqlens, max_seqlen, layout, seqlen_offset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +17,7 @@ from ropekit.model.arena import state_on_huge_pages
 from ropekit.model.llama import LlamaConfig, LlamaModel
 from ropekit.rope import RopeConfig
 
-__all__ = ["ModelFetchError", "Tokenizer", "load_model", "resolve_source"]
+__all__ = ["ModelFetchError", "Tokenizer", "load_model", "model_identity", "resolve_source"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -32,6 +33,28 @@ def resolve_source(source: str | os.PathLike) -> Path:
         raise ValueError(f"unknown model name {source!r}: not a file or folder, and not one of ropekit's "
                          "default models (smollm2)")
     raise FileNotFoundError(f"model file or folder not found: {source}")
+
+
+HASH_LIMIT = 1 << 30  # files up to 1 GiB are identified by content; larger ones by size, mtime and path
+
+
+def model_identity(source: str | os.PathLike) -> str:
+    """A string that changes whenever the model's files do: ``sha256:<16 hex>`` of the GGUF file (or of an HF
+    folder's config, tokenizer and safetensors files), or ``size:mtime:path`` entries for files over 1 GiB."""
+    path = resolve_source(source)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and (
+        p.suffix in (".json", ".safetensors", ".model") or p.name.endswith(".gguf")))
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}\n".encode())
+        if stat.st_size > HASH_LIMIT:
+            digest.update(f"{stat.st_mtime_ns}:{file.resolve()}\n".encode())
+            continue
+        with open(file, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def load_model(source: str | os.PathLike = "smollm2", *, rope: RopeConfig | Mapping | str | None = None,
@@ -54,7 +77,7 @@ def load_model(source: str | os.PathLike = "smollm2", *, rope: RopeConfig | Mapp
         config, state, meta = read_gguf(path, has_rope_override=rope is not None)
         tokenizer = Tokenizer.from_gguf_metadata(meta)
     if rope is not None:
-        config = config.with_rope(config.rope.with_method(rope))
+        config = config.with_rope(config.rope.with_rope_type(rope))
     return build_model(config, state, dtype), tokenizer
 
 

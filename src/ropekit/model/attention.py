@@ -1,26 +1,31 @@
-"""How an attention layer turns q, k, v into its output: the one extension point of the model.
+"""How an attention layer turns q, k, v into its output: the engine's one extension point.
 
-The model builds an ``AttentionContext`` once per forward pass (positions, the cos/sin table
-computed once, the cache, the mask) and hands it to every layer. Each layer projects q, k, v
-and calls ``context.method.attend(layer_idx, q, k, v, context)``.
+The model builds an ``AttentionContext`` once per forward pass (positions, the cache, the
+mask) and hands it to every layer. ``context.attention.prepare(context)`` runs once per forward
+(rope tables), then each layer projects q, k, v and calls
+``context.attention.attend(layer_idx, q, k, v, context)``.
 
-``AttentionMethod`` is the default: plain RoPE on q and k, keys stored rotated in the cache,
-scaled dot-product attention with a causal + padding mask. Alternative methods (Self-Extend,
-ReRoPE, dynamic scaling that re-rotates cached keys, ...) subclass it and override ``prepare``
-(extra tables, once per forward) and/or ``attend`` (per layer); install one with
-``model.set_attention(method)``.
+- ``RopeAttention`` (the default): plain RoPE on q and k, keys cached rotated, scaled dot-product
+  attention; a one-token step of one sequence goes through the ``decode_attention`` kernel.
+- ``VariantAttention(variant)``: any attention variant of ``ropekit.attention`` (Self-Extend,
+  ReRoPE, cache-consistent dynamic scaling, ...): keys cached unrotated, the variant's tables
+  computed once per forward from every key's position, its ``attend`` called per layer.
+
+Install one with ``model.set_attention(...)``, or from a spec with ``apply_extension``.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from ropekit.attention import AttentionVariant, sdpa
+from ropekit.extension import ExtensionSpec, parse_extension
 from ropekit.model.kv_cache import KVCache
-from ropekit.rope import RotaryEmbedding, apply_rotary
+from ropekit.rope import RopeConfig, RotaryEmbedding, apply_rotary
 
 
 @dataclass
@@ -30,68 +35,125 @@ class AttentionContext:
     positions: ``[B, T]`` or ``[T]`` long, the rope position of each new token.
     key_positions: ``[B, T]`` long, the same with ``-1`` at padding (what the cache records).
     cache: the ``KVCache`` or None; ``past``: slots already filled before this pass.
-    mask: ``[B, 1, T, S]`` bool (True = may attend) or None when ``is_causal``/no mask is needed.
+    mask: ``[B, 1, T, S]`` bool (True = may attend), or None for causality by slot (query t in
+    slot ``past + t`` sees every slot up to its own; no padding anywhere).
     cos, sin: the rope table at ``positions`` (``positions.shape + (R/2,)``, float32), set by
-    ``method.prepare``. ``extra``: room for a method's own per-forward tables.
+    ``RopeAttention.prepare``. ``extra``: room for an attention's own per-forward tables.
     """
 
     positions: torch.Tensor
     key_positions: torch.Tensor
     rope: RotaryEmbedding
-    method: AttentionMethod
+    attention: EngineAttention
     cache: KVCache | None = None
     past: int = 0
     mask: torch.Tensor | None = None
-    is_causal: bool = False
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def method(self) -> EngineAttention:
+        """Deprecated name of ``attention``."""
+        warnings.warn("AttentionContext.method is deprecated; use AttentionContext.attention", DeprecationWarning,
+                      stacklevel=2)
+        return self.attention
 
-class AttentionMethod:
-    """Plain RoPE attention (the LLaMA default): rotate q, k; cache k, v; SDPA with GQA."""
+    def all_key_positions(self) -> torch.Tensor:
+        """``[B, S]`` long: the positions of every key this pass attends to (cached + new; -1 = padding)."""
+        B = self.key_positions.shape[0]
+        new = self.key_positions.expand(B, -1)
+        if self.cache is None or self.past == 0:
+            return new
+        return torch.cat([self.cache.key_positions[:, : self.past], new], dim=1)
 
-    name = "rope"
+
+class EngineAttention:
+    """The interface: ``prepare(context)`` once per forward, ``attend(layer_idx, q, k, v, context)`` per layer.
+
+    q ``[B, H, T, D]``, k/v ``[B, Hkv, T, D]`` (this pass's tokens, unrotated) -> ``[B, H, T, D]``.
+    """
+
+    name = "attention"
 
     def prepare(self, context: AttentionContext) -> None:
-        """Once per forward: compute the cos/sin table at the query positions."""
-        context.cos, context.sin = context.rope(context.positions)
+        pass
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                context: AttentionContext) -> torch.Tensor:
-        """q ``[B, H, T, D]``, k/v ``[B, Hkv, T, D]`` (not rotated) -> output ``[B, H, T, D]``."""
-        q = apply_rotary(q, context.cos, context.sin)
-        k = apply_rotary(k, context.cos, context.sin)
-        if context.cache is not None:
-            k, v = context.cache.update(layer_idx, k, v, context.key_positions)  # [B, Hkv, S, D]
-        return sdpa(q, k, v, context.mask, context.is_causal)
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-         is_causal: bool) -> torch.Tensor:
-    """Scaled dot-product attention with grouped-query heads.
+class RopeAttention(EngineAttention):
+    """Plain RoPE attention (the LLaMA default): rotate q, k; cache k (rotated), v; SDPA with GQA."""
 
-    q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]`` with H a multiple of Hkv; mask ``[B, 1, T, S]`` bool.
+    name = "rope"
+
+    def prepare(self, context: AttentionContext) -> None:
+        """Once per forward: the cos/sin table at the query positions."""
+        context.cos, context.sin = context.rope(context.positions)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               context: AttentionContext) -> torch.Tensor:
+        q = apply_rotary(q, context.cos, context.sin)
+        k = apply_rotary(k, context.cos, context.sin)
+        cache = context.cache
+        if cache is None:
+            return sdpa(q, k, v, context.mask)
+        if context.mask is None and q.shape[0] == 1 and q.shape[2] == 1:
+            return cache.attend_one(layer_idx, q, k, v, context.key_positions)  # one token: the decode kernel
+        k, v = cache.update(layer_idx, k, v, context.key_positions)  # [B, Hkv, S, D]
+        return sdpa(q, k, v, context.mask)
+
+
+class VariantAttention(EngineAttention):
+    """An ``ropekit.attention`` variant in the engine: keys cached unrotated, tables once per forward."""
+
+    def __init__(self, variant: AttentionVariant):
+        self.variant = variant
+        self.name = variant.name
+
+    def prepare(self, context: AttentionContext) -> None:
+        B = context.key_positions.shape[0]
+        q_pos = context.positions.expand(B, -1)  # [B, T]
+        context.extra["tables"] = self.variant.tables(context.rope, q_pos, context.all_key_positions())
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               context: AttentionContext) -> torch.Tensor:
+        if context.cache is not None:
+            k, v = context.cache.update(layer_idx, k, v, context.key_positions)  # unrotated keys
+        return self.variant.attend(q, k, v, context.extra["tables"], context.mask)
+
+    def __repr__(self) -> str:
+        return f"VariantAttention({self.variant!r})"
+
+
+def attention_for(spec: ExtensionSpec) -> EngineAttention:
+    """The engine attention a spec asks for: its variant, or plain rope attention."""
+    variant = spec.variant()
+    return RopeAttention() if variant is None else VariantAttention(variant)
+
+
+def apply_extension(model, spec: str | ExtensionSpec, base_rope: RopeConfig | None = None) -> ExtensionSpec:
+    """Configure ``model`` (a ``LlamaModel``) for ``spec``: set its rope and its attention.
+
+    ``base_rope`` is the model's own rope (used when the spec has no rope part, and whose geometry
+    the spec's rope part is validated against); default: the model's current rope, so pass the
+    loaded one when switching between several specs.
     """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1 and mask is None and not is_causal:
-        # Every query sees every key (decoding): fold each group's queries into one KV head's rows
-        # instead of copying K and V `groups` times (that copy grows with the cache, every step).
-        B, H, T, D = q.shape
-        grouped = q.reshape(B, k.shape[1], groups * T, D)  # [B, H, T, D] -> [B, Hkv, G*T, D]
-        return F.scaled_dot_product_attention(grouped, k, v).view(B, H, T, D)
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)  # [B, Hkv, S, D] -> [B, H, S, D]
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+    spec = parse_extension(spec)
+    base = base_rope if base_rope is not None else model.config.rope
+    model.set_rope(spec.rope_config(base))
+    model.set_attention(attention_for(spec))
+    return spec
 
 
 def build_mask(valid_new: torch.Tensor | None, cache: KVCache | None, past: int,
-               num_new: int) -> tuple[torch.Tensor | None, bool]:
-    """The attention mask for ``num_new`` queries after ``past`` cached slots: ``(mask, is_causal)``.
+               num_new: int) -> torch.Tensor | None:
+    """The attention mask for ``num_new`` queries after ``past`` cached slots, or None (causal by slot).
 
     Causality is by slot (query t sits in slot past + t), never by position, so any position
     pattern (repeats, offsets) stays causal. Padding keys (cache position -1 or ``valid_new``
@@ -101,10 +163,7 @@ def build_mask(valid_new: torch.Tensor | None, cache: KVCache | None, past: int,
     cached_pad = cache is not None and past > 0 and bool((cache.key_positions[:, :past] < 0).any())
     new_pad = valid_new is not None and not bool(valid_new.all())
     if not cached_pad and not new_pad:
-        if num_new == 1:
-            return None, False  # one query sees every cached key
-        if past == 0:
-            return None, True
+        return None
     device = valid_new.device if valid_new is not None else None
     slots = torch.arange(past + num_new, device=device)
     allowed = slots[None, :] <= (past + torch.arange(num_new, device=device))[:, None]  # [T, S]
@@ -112,7 +171,7 @@ def build_mask(valid_new: torch.Tensor | None, cache: KVCache | None, past: int,
     mask = allowed[None] & key_valid[:, None, :]  # [B, T, S]
     if valid_new is not None:
         mask = mask | ~valid_new[:, :, None]  # padding queries attend everywhere
-    return mask[:, None], False  # [B, 1, T, S]
+    return mask[:, None]  # [B, 1, T, S]
 
 
 def _key_valid(valid_new: torch.Tensor | None, cache: KVCache | None, past: int,
@@ -127,3 +186,16 @@ def _key_valid(valid_new: torch.Tensor | None, cache: KVCache | None, past: int,
         valid_new = torch.ones(batch, num_new, dtype=torch.bool, device=device)
     parts.append(valid_new)
     return torch.cat(parts, dim=1)
+
+
+__all__ = ["AttentionContext", "EngineAttention", "RopeAttention", "VariantAttention", "apply_extension",
+           "attention_for", "build_mask"]
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated (one release): ``AttentionMethod`` is ``RopeAttention``."""
+    if name == "AttentionMethod":
+        warnings.warn("AttentionMethod is deprecated; use ropekit.model.RopeAttention (the plain rope attention) "
+                      "or subclass ropekit.model.EngineAttention", DeprecationWarning, stacklevel=2)
+        return RopeAttention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

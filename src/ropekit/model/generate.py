@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ropekit.model.attention import AttentionMethod
-from ropekit.model.fast_decode import FastDecoder
+from ropekit.kernels.decode import DECODE_OPS
 from ropekit.model.kv_cache import KVCache
+from ropekit.rope.dispatch import use_backend
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
@@ -74,16 +74,17 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_ids: Iterable[int] = (), pad_id: int = 0,
-                 max_length: int | None = None, fast: bool = True) -> Iterator[torch.Tensor]:
+                 max_length: int | None = None, fast: bool = True,
+                 on_prefill_layer: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
     """Yield one ``[B]`` long tensor of new tokens per step (``-1`` for rows that already stopped).
 
     prompts: token id lists (left-padded into one batch). A row stops after emitting a token in
     ``stop_ids`` (that token is yielded); generation ends when all rows stopped or after
     ``max_new_tokens``. max_length: KV cache capacity (default: longest prompt + max_new_tokens);
     a prompt that does not fit raises ValueError, and generation stops when the cache is full.
-    fast: decode a single CPU sequence with plain rope attention through ``FastDecoder`` (the same
-    logits up to float32 summation order, several times the tokens/s); batches and attention-level
-    methods always take the model's own cached forward.
+    fast: one-token steps of one sequence on the CPU run the model's fused C++ decode kernels
+    (``LlamaModel.decode_path()`` says which); ``fast=False`` runs them as torch ops.
+    on_prefill_layer: called with i after layer i of the prompt's forward pass (progress).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     input_ids, mask = left_pad(prompts, pad_id)
@@ -96,41 +97,20 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     if max_new_tokens == 0:
         return
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    sample = lambda logits: sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,  # noqa: E731
-                                        generator=generator)
-    if fast and fast_decode_applies(model, input_ids):
-        yield from _fast_ids(FastDecoder(model, capacity), input_ids[0], max_new_tokens, sample, set(stop_ids))
-        return
     cache = KVCache.for_model(model, input_ids.shape[0], capacity)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
-    logits = model(input_ids, cache=cache, attention_mask=mask, logits_to_keep=1)[:, -1]  # [B, V]
-    for step in range(max_new_tokens):
-        token = sample(logits)
-        yield token.masked_fill(done, -1)
-        done = done | torch.isin(token, stop)
-        if bool(done.all()) or step + 1 == max_new_tokens or cache.length == cache.max_len:
-            return
-        token = token.masked_fill(done, pad_id)
-        logits = model(token[:, None], cache=cache)[:, -1]  # [B, 1] -> [B, V]
-
-
-def fast_decode_applies(model, input_ids: torch.Tensor) -> bool:
-    """One sequence on the CPU with the plain rope attention: what ``FastDecoder`` runs."""
-    return (input_ids.shape[0] == 1 and input_ids.device.type == "cpu"
-            and type(model.attention_method) is AttentionMethod)
-
-
-def _fast_ids(decoder: FastDecoder, prompt: torch.Tensor, max_new_tokens: int,
-              sample: Callable[[torch.Tensor], torch.Tensor], stop: set[int]) -> Iterator[torch.Tensor]:
-    """``generate_ids`` for one sequence through ``decoder``: yields ``[1]`` tensors."""
-    logits = decoder.prefill(prompt)  # [V]
-    for step in range(max_new_tokens):
-        token = sample(logits[None])  # [1, V] -> [1]
-        yield token
-        if int(token) in stop or step + 1 == max_new_tokens or decoder.length == decoder.max_len:
-            return
-        logits = decoder.step(int(token))
+    with use_backend(None if fast else "torch", *DECODE_OPS):
+        logits = model(input_ids, cache=cache, attention_mask=mask, logits_to_keep=1,
+                       on_layer=on_prefill_layer)[:, -1]  # [B, V]
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            yield token.masked_fill(done, -1)
+            done = done | torch.isin(token, stop)
+            if bool(done.all()) or step + 1 == max_new_tokens or cache.length == cache.max_len:
+                return
+            token = token.masked_fill(done, pad_id)
+            logits = model(token[:, None], cache=cache)[:, -1]  # [B, 1] -> [B, V]
 
 
 def prepare_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -202,7 +182,7 @@ def generate(model, tokenizer, prompt: str | Sequence[str], *, max_new_tokens: i
     temperature 0 is greedy; ``seed`` makes sampling repeatable. ``stream`` is called with each
     text piece as it is produced (single prompt only). ``chat`` wraps the prompt in the model's
     chat template as a user turn. A list of prompts runs as one left-padded batch and returns a
-    list of strings. ``fast`` (default) decodes a single prompt with ``FastDecoder``.
+    list of strings. ``fast`` (default) runs one-sequence CPU decode steps through the fused C++ kernels.
     """
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, top_k=top_k,
                    top_p=top_p, chat=chat, max_length=max_length, fast=fast)

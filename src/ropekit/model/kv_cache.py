@@ -12,7 +12,11 @@ aligned), so one integer ``length`` says how many slots are in use.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from ropekit.kernels.decode import decode_attention
 
 
 class KVCache:
@@ -81,6 +85,26 @@ class KVCache:
             self.key_positions[:, start:end] = positions
         self._fill[layer_idx] = end
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+    def attend_one(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+        """One new token of a one-sequence cache: store k, v in the next slot of this layer and attend over
+        slots 0..slot (the ``decode_attention`` op: a C++ kernel for float32 activations on the CPU).
+
+        q ``[1, H, 1, D]`` and k ``[1, Hkv, 1, D]`` rotated, v ``[1, Hkv, 1, D]``, positions ``[1, 1]``.
+        Returns ``[1, H, 1, D]`` in q's dtype.
+        """
+        slot = self._fill[layer_idx]
+        if self.batch_size != 1 or q.shape[2] != 1:
+            raise ValueError(f"attend_one takes one token of one sequence, got q of shape {tuple(q.shape)}")
+        if slot >= self.max_len:
+            raise ValueError(f"KV cache overflow in layer {layer_idx}: {slot} + 1 > {self.max_len}")
+        out = decode_attention(q.reshape(-1), k.reshape(-1), v.reshape(-1), self.keys[layer_idx, 0],
+                               self.values[layer_idx, 0], slot, 1.0 / math.sqrt(q.shape[-1]))
+        if layer_idx == 0:
+            self.key_positions[:, slot] = positions.reshape(-1)
+        self._fill[layer_idx] = slot + 1
+        return out.view(q.shape).to(q.dtype)
 
     def reset(self) -> None:
         """Forget everything (buffers stay allocated)."""

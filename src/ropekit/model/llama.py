@@ -5,22 +5,32 @@ Parameter names follow Hugging Face's ``LlamaForCausalLM`` without the ``model.`
 dict loads after stripping that prefix. The weights use the "half" rope layout (HF's); the
 GGUF loader un-permutes llama.cpp's interleaved q/k rows before they get here.
 
-The forward pass computes cos/sin once from the position tensor (through the attention
-method's ``prepare``) and passes them to every layer in an ``AttentionContext``.
+The forward pass computes the rope tables once from the position tensor (through the
+attention's ``prepare``) and passes them to every layer in an ``AttentionContext``. Each layer is
+written once, in the decode ops of ``ropekit.kernels.decode``: torch ops for a prefill, fused
+C++ kernels for a one-token decode step on the CPU. Such a step keeps its activations in
+float32 whatever the weights' dtype (bfloat16 weights are widened exactly inside the kernels).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ropekit.model.attention import AttentionContext, AttentionMethod, build_mask
+from ropekit.kernels.decode import (
+    decode_path,
+    linear_residual,
+    norm_linear,
+    norm_swiglu,
+    rms_norm,
+)
+from ropekit.model.attention import AttentionContext, EngineAttention, RopeAttention, build_mask
 from ropekit.model.kv_cache import KVCache
 from ropekit.rope import RopeConfig, RotaryEmbedding
 
@@ -87,13 +97,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[..., C]`` -> ``[..., C]`` in x's dtype."""
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); the layer calls it as a residual branch with its norm fused in."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -101,12 +109,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """x ``[B, T, C]`` -> ``x + mlp(norm(x))``, ``[B, T, C]``."""
+        hidden = norm_swiglu(x, self.gate_proj.weight, self.up_proj.weight, norm.weight, norm.eps)  # [B, T, I]
+        return linear_residual(hidden, self.down_proj.weight, x)
 
 
 class Attention(nn.Module):
-    """Projections of one attention layer; the attention itself is the context's ``AttentionMethod``."""
+    """Projections of one attention layer; the attention itself is the context's ``EngineAttention``."""
 
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -119,18 +129,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
-        """x ``[B, T, C]`` -> ``[B, T, C]``."""
+    def forward(self, x: torch.Tensor, norm: RMSNorm, context: AttentionContext) -> torch.Tensor:
+        """x ``[B, T, C]`` -> ``x + o_proj(attention(norm(x)))``, ``[B, T, C]``."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        out = context.method.attend(self.layer_idx, q, k, v, context)  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # [B, T, H*D]
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        biases = [p.bias for p in projections] if self.q_proj.bias is not None else None
+        q, k, v = norm_linear(x, [p.weight for p in projections], norm.weight, norm.eps, biases)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        out = context.attention.attend(self.layer_idx, q, k, v, context)  # [B, H, T, D]
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, H*D]
+        return linear_residual(out, self.o_proj.weight, x, self.o_proj.bias)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Written once, in the decode ops of ``ropekit.kernels.decode``: a prefill runs them as torch
+    ops, a one-token decode step of one sequence as fused C++ kernels (norm + projections in one
+    weight stream, SwiGLU in one pass, residual adds fused).
+    """
 
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -140,8 +159,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), context)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(x, self.input_layernorm, context)
+        return self.mlp(x, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):
@@ -149,10 +168,10 @@ class LlamaModel(nn.Module):
 
     ``model(input_ids)`` with ``input_ids`` long ``[B, T]`` returns float32 logits ``[B, T, V]``.
     ``model.config`` is the ``LlamaConfig``; ``model.rope`` the ``RotaryEmbedding``;
-    ``model.attention_method`` the ``AttentionMethod`` every layer calls.
+    ``model.attention`` the ``EngineAttention`` every layer calls.
     """
 
-    def __init__(self, config: LlamaConfig, attention_method: AttentionMethod | None = None):
+    def __init__(self, config: LlamaConfig, attention: EngineAttention | None = None):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -162,30 +181,41 @@ class LlamaModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config.rope)
-        self.attention_method = attention_method or AttentionMethod()
+        self.attention = attention or RopeAttention()
+
+    @property
+    def attention_method(self) -> EngineAttention:
+        """Deprecated name of ``attention``."""
+        warnings.warn("LlamaModel.attention_method is deprecated; use LlamaModel.attention", DeprecationWarning,
+                      stacklevel=2)
+        return self.attention
 
     def set_rope(self, rope: RopeConfig | Mapping | str) -> None:
-        """Switch the rope method at run time (a RopeConfig, HF rope_parameters dict, or spec string).
+        """Switch the rope type at run time (a RopeConfig, HF rope_parameters dict, or spec string).
 
         Dicts and strings keep the model's geometry (head_dim, base, trained length). Any cache
         filled before the switch holds keys rotated the old way.
         """
-        rope_config = self.config.rope.with_method(rope)
+        rope_config = self.config.rope.with_rope_type(rope)
         device = self.embed_tokens.weight.device
         self.rope = RotaryEmbedding(rope_config, device=device)
         self.config = self.config.with_rope(rope_config)
 
-    def set_attention(self, method: AttentionMethod) -> None:
-        """Install another attention implementation (Self-Extend, ReRoPE, ...)."""
-        self.attention_method = method
+    def set_attention(self, attention: EngineAttention) -> None:
+        """Install another attention (``VariantAttention(SelfExtend(...))``, ...)."""
+        self.attention = attention
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A preallocated ``KVCache`` for this model."""
         return KVCache.for_model(self, batch_size, max_len)
 
+    def decode_path(self) -> str:
+        """One line naming the kernels a one-token decode step of one sequence runs here."""
+        return decode_path(self.embed_tokens.weight)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
-                *, logits_to_keep: int = 0) -> torch.Tensor:
+                *, logits_to_keep: int = 0, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Logits for ``input_ids``.
 
         input_ids: long ``[B, T]``. positions: long ``[T]`` or ``[B, T]``; default: each row
@@ -194,19 +224,34 @@ class LlamaModel(nn.Module):
         cache: a ``KVCache`` that receives this step's keys/values. attention_mask: ``[B, T]``
         (or ``[B, past + T]``, HF style) with 1 for real tokens, 0 for padding.
         logits_to_keep: if > 0, only the last that many positions get logits.
+        on_layer: called with i after layer i (progress of a long prefill).
         Returns float32 logits ``[B, T, V]`` (``[B, logits_to_keep, V]``).
         """
-        context = self.attention_context(input_ids, positions, cache, attention_mask)
-        x = self.embed_tokens(input_ids)  # [B, T, C]
-        for layer in self.layers:
-            x = layer(x, context)
+        x = self.hidden_states(input_ids, positions, cache, attention_mask, normed=False,
+                               on_layer=on_layer)  # [B, T, C]
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(self.norm(x)).float()  # [B, T, V]
+        (logits,) = norm_linear(x, [self.lm_head.weight], self.norm.weight, self.norm.eps)
+        return logits.float()  # [B, T, V]
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None, attention_mask: torch.Tensor | None = None, *,
+                      normed: bool = True, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The last layer's hidden states ``[B, T, C]`` (after the final norm unless ``normed=False``):
+        ``forward`` without the output head. ``on_layer(i)`` is called after layer i (progress)."""
+        context = self.attention_context(input_ids, positions, cache, attention_mask)
+        x = self.embed_tokens(input_ids)  # [B, T, C]
+        if x.dtype != torch.float32 and input_ids.numel() == 1 and x.device.type == "cpu":
+            x = x.float()  # a CPU decode step keeps its activations in float32 (the fused kernels' input)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, context)
+            if on_layer is not None:
+                on_layer(i)
+        return self.norm(x) if normed else x
 
     def attention_context(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
                           cache: KVCache | None, attention_mask: torch.Tensor | None) -> AttentionContext:
-        """Validate the inputs and build the per-forward ``AttentionContext`` (cos/sin computed here once)."""
+        """Validate the inputs and build the per-forward ``AttentionContext`` (rope tables computed here once)."""
         B, T = check_input_ids(input_ids, self.config.vocab_size)
         past = 0
         if cache is not None:
@@ -222,11 +267,10 @@ class LlamaModel(nn.Module):
         key_positions = positions.expand(B, T)
         if valid is not None:
             key_positions = key_positions.masked_fill(~valid, -1)
-        mask, is_causal = build_mask(valid, cache, past, T)
         context = AttentionContext(positions=positions, key_positions=key_positions, rope=self.rope,
-                                   method=self.attention_method, cache=cache, past=past, mask=mask,
-                                   is_causal=is_causal)
-        self.attention_method.prepare(context)
+                                   attention=self.attention, cache=cache, past=past,
+                                   mask=build_mask(valid, cache, past, T))
+        self.attention.prepare(context)
         return context
 
 

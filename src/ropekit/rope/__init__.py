@@ -1,12 +1,27 @@
-"""The rope core: frequencies for every rope type, typed configs, cos/sin, apply. Imports torch only."""
+"""The rope core: frequencies for every rope type, typed configs, cos/sin, apply, the kernel dispatch point.
 
-from ropekit.rope.apply import LAYOUTS, apply_rotary, apply_rotary_qk, rotate_reference
-from ropekit.rope.config import METHODS, RopeConfig, canonical_rope_type, compute_inv_freq, parse_spec
+Imports torch only. Fused kernels register themselves with ``ropekit.rope.dispatch`` from the
+layer above (``ropekit.kernels``); the core never imports them.
+"""
+
+from typing import Any
+
+from ropekit.rope.apply import LAYOUTS, apply_rotary, apply_rotary_positions, apply_rotary_qk, rotate_reference
+from ropekit.rope.config import ROPE_TYPES, RopeConfig, RopeType, canonical_rope_type, compute_inv_freq, parse_spec
 from ropekit.rope.cos_sin import rope_cos_sin, rotation_angles
 from ropekit.rope.module import RotaryEmbedding
 
 __all__ = [
-    "LAYOUTS", "METHODS", "RopeConfig", "RotaryEmbedding", "apply_rotary", "apply_rotary_qk",
-    "canonical_rope_type", "compute_inv_freq", "parse_spec", "rope_cos_sin", "rotate_reference",
+    "LAYOUTS", "ROPE_TYPES", "RopeConfig", "RopeType", "RotaryEmbedding", "apply_rotary", "apply_rotary_positions",
+    "apply_rotary_qk", "canonical_rope_type", "compute_inv_freq", "parse_spec", "rope_cos_sin", "rotate_reference",
     "rotation_angles",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated names (one release): ``METHODS`` is ``ROPE_TYPES``, ``RopeMethod`` is ``RopeType``."""
+    if name in ("METHODS", "RopeMethod"):
+        from ropekit.rope import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ropekit.kernels.dispatch import register_backend, rotary_dispatch
+from ropekit.rope.dispatch import register_backend, rotary_dispatch
 
 LAYOUTS = ("half", "interleaved")
 
@@ -43,12 +43,26 @@ def merge_pairs(first: torch.Tensor, second: torch.Tensor, layout: str) -> torch
     return torch.stack([first, second], dim=-1).flatten(-2)  # [..., R/2, 2] -> [..., R]
 
 
+def gather_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, batch: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``positions`` of whole tables: cos/sin ``(N, R/2)`` or ``(B, N, R/2)``, positions ``(T,)`` or
+    ``(B, T)`` -> ``(T, R/2)`` or ``(B, T, R/2)`` each."""
+    if cos.dim() == 2:
+        return cos[positions], sin[positions]
+    index = positions.expand(batch, -1).unsqueeze(-1).expand(-1, -1, cos.shape[-1])  # (B, T, R/2)
+    return torch.gather(cos, 1, index), torch.gather(sin, 1, index)
+
+
 def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, layout: str = "half",
-                     heads_first: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+                     heads_first: bool = True, out: torch.Tensor | None = None,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-torch rotation (the reference every kernel is tested against). Differentiable.
 
-    x ``[B,H,T,D]`` (heads_first) or ``[B,T,H,D]``; cos/sin ``(T, R/2)`` or ``(B, T, R/2)``.
+    x ``[B,H,T,D]`` (heads_first) or ``[B,T,H,D]``; cos/sin ``(T, R/2)`` or ``(B, T, R/2)``, or with
+    ``positions`` (``(T,)`` or ``(B, T)``) whole tables whose rows ``positions`` turn the tokens.
     """
+    if positions is not None:
+        cos, sin = gather_rows(cos, sin, positions, x.shape[0])
     rotary_dim = 2 * cos.shape[-1]
     work = compute_dtype(x.dtype)
     c, s = broadcast_table(cos.to(work), heads_first), broadcast_table(sin.to(work), heads_first)
@@ -137,3 +151,28 @@ def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     rotate = lambda t: apply_rotary(t, cos, sin, layout=layout, heads_first=heads_first,  # noqa: E731
                                     out=t if inplace else None, backend=backend)
     return rotate(q), rotate(k)
+
+
+def apply_rotary_positions(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, *,
+                           layout: str = "half", heads_first: bool = True, out: torch.Tensor | None = None,
+                           backend: str | None = None) -> torch.Tensor:
+    """``apply_rotary`` with the position gather fused in (inference: no autograd).
+
+    x ``[B, H, T, D]`` (heads_first) or ``[B, T, H, D]``; cos/sin whole tables ``(N, R/2)`` or
+    ``(B, N, R/2)``; positions int ``(T,)`` or ``(B, T)`` in ``[0, N)``: token t of batch b turns by
+    table row ``positions[b, t]`` (prefill, decode, left padding and packed sequences alike).
+    """
+    batch, seq = (x.shape[0], x.shape[2]) if heads_first else (x.shape[0], x.shape[1])
+    if positions.dtype.is_floating_point or positions.dim() not in (1, 2) or positions.shape[-1] != seq or (
+            positions.dim() == 2 and positions.shape[0] not in (1, batch)):
+        raise ValueError(f"positions must be integer (T,) or (B, T) with T={seq}, B={batch}; "
+                         f"got {positions.dtype} {tuple(positions.shape)}")
+    rows = cos.shape[-2]
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= rows):
+        raise ValueError(f"positions must lie in [0, {rows}) (the table's rows), got "
+                         f"[{int(positions.min())}, {int(positions.max())}]")
+    # Check the rest (layout, table batch, rotary dim, out) on the gathered shape: row 0 broadcast to T rows.
+    probe = cos[..., :1, :].expand(*cos.shape[:-2], seq, cos.shape[-1])  # (T, R/2) or (B, T, R/2)
+    check_apply_args(x, probe, probe if cos.shape == sin.shape else sin, layout, heads_first, out)
+    return rotary_dispatch(x, cos, sin, layout=layout, heads_first=heads_first, out=out, backend=backend,
+                           positions=positions)

@@ -1,14 +1,14 @@
-"""``RopeConfig``: one typed rope configuration, the method registry, and HF (de)serialisation.
+"""``RopeConfig``: one typed rope configuration, the rope-type registry, and HF (de)serialisation.
 
-The registry maps each ``rope_type`` to its typed parameter class and its frequency
-function. Adding a method = one function in ``frequencies.py`` + one ``RopeMethod`` entry.
-The method is always named explicitly by ``rope_type``; it is never guessed from keys.
+``ROPE_TYPES`` maps each ``rope_type`` to its typed parameter class and its frequency
+function. Adding a rope type = one function in ``frequencies.py`` + one ``RopeType`` entry.
+The type is always named explicitly by ``rope_type``; it is never guessed from keys.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +17,7 @@ import torch
 
 from ropekit.rope import frequencies as freq
 from ropekit.rope.params import (
+    LENGTH,
     DefaultParams,
     DynamicParams,
     DynamicYarnParams,
@@ -29,12 +30,14 @@ from ropekit.rope.params import (
     YarnParams,
     check_number,
 )
+from ropekit.rope.registry import Registry
 
 
 @dataclass(frozen=True)
-class RopeMethod:
-    """A registry entry: typed parameters, the frequency function, and whether it depends on length."""
+class RopeType:
+    """A registry entry: the name, typed parameters, the frequency function, whether it depends on length."""
 
+    name: str
     params: type[MethodParams]
     compute: Callable[[RopeConfig, int | None], freq.Frequencies]
     length_dependent: bool = False
@@ -45,56 +48,44 @@ def _original(rc: RopeConfig) -> int:
     return rc.original_max_position_embeddings  # type: ignore[return-value]
 
 
-METHODS: dict[str, RopeMethod] = {
-    "default": RopeMethod(
-        DefaultParams, lambda rc, n: freq.default_frequencies(rc.rope_theta, rc.rotary_dim),
-        source="RoFormer (Su et al. 2021), Eq. 15"),
-    "linear": RopeMethod(
-        LinearParams, lambda rc, n: freq.linear_frequencies(rc.rope_theta, rc.rotary_dim, rc.params),
-        source="Position Interpolation (Chen et al. 2023, arXiv 2306.15595), Eq. 4"),
-    "ntk": RopeMethod(
-        NtkParams, lambda rc, n: freq.ntk_frequencies(rc.rope_theta, rc.rotary_dim, rc.params),
-        source="NTK-aware scaling (bloc97 2023; YaRN paper Sec. 3.1)"),
-    "dynamic": RopeMethod(
-        DynamicParams,
-        lambda rc, n: freq.dynamic_frequencies(rc.rope_theta, rc.rotary_dim, rc.params, _original(rc), n),
-        length_dependent=True, source="Dynamic NTK (emozilla 2023; YaRN paper Sec. 3.3)"),
-    "yarn": RopeMethod(
-        YarnParams, lambda rc, n: freq.yarn_frequencies(rc.rope_theta, rc.rotary_dim, rc.params),
-        source="YaRN (Peng et al. 2023, arXiv 2309.00071), Sec. 3.4, Eq. 18-22"),
-    "dynamic_yarn": RopeMethod(
-        DynamicYarnParams,
-        lambda rc, n: freq.dynamic_yarn_frequencies(rc.rope_theta, rc.rotary_dim, rc.params, n),
-        length_dependent=True, source="Dynamic YaRN (Peng et al. 2023, Sec. 3.3 + 3.4)"),
-    "longrope": RopeMethod(
-        LongRopeParams,
-        lambda rc, n: freq.longrope_frequencies(rc.rope_theta, rc.rotary_dim, rc.params,
-                                                rc.max_position_embeddings, n),
-        length_dependent=True, source="LongRoPE (Ding et al. 2024, arXiv 2402.13753); Phi-3"),
-    "llama3": RopeMethod(
-        Llama3Params, lambda rc, n: freq.llama3_frequencies(rc.rope_theta, rc.rotary_dim, rc.params),
-        source="Llama 3.1 (Meta, apply_scaling in the reference code)"),
-    "proportional": RopeMethod(
-        ProportionalParams,
-        lambda rc, n: freq.proportional_frequencies(rc.rope_theta, rc.head_dim, rc.partial_rotary_factor,
-                                                    rc.params),
-        source="Proportional RoPE (transformers, Gemma 4)"),
-}
-
-# Friendly names accepted on input; the canonical rope_type is stored.
-ALIASES = {"none": "default", "pi": "linear", "ntk-aware": "ntk", "dynamic-ntk": "dynamic",
-           "dynamic_ntk": "dynamic", "dynamic-yarn": "dynamic_yarn"}
+ROPE_TYPES: Registry[RopeType] = Registry("rope_type")
+for _entry, _aliases in [
+    (RopeType("default", DefaultParams, lambda rc, n: freq.default_frequencies(rc.rope_theta, rc.rotary_dim),
+              source="RoFormer (Su et al. 2021), Eq. 15"), ("none",)),
+    (RopeType("linear", LinearParams,
+              lambda rc, n: freq.linear_frequencies(rc.rope_theta, rc.rotary_dim, rc.params),
+              source="Position Interpolation (Chen et al. 2023, arXiv 2306.15595), Eq. 4"), ("pi",)),
+    (RopeType("ntk", NtkParams, lambda rc, n: freq.ntk_frequencies(rc.rope_theta, rc.rotary_dim, rc.params),
+              source="NTK-aware scaling (bloc97 2023; YaRN paper Sec. 3.1)"), ("ntk-aware",)),
+    (RopeType("dynamic", DynamicParams,
+              lambda rc, n: freq.dynamic_frequencies(rc.rope_theta, rc.rotary_dim, rc.params, _original(rc), n),
+              length_dependent=True, source="Dynamic NTK (emozilla 2023; YaRN paper Sec. 3.3)"),
+     ("dynamic-ntk", "dynamic_ntk")),
+    (RopeType("yarn", YarnParams, lambda rc, n: freq.yarn_frequencies(rc.rope_theta, rc.rotary_dim, rc.params),
+              source="YaRN (Peng et al. 2023, arXiv 2309.00071), Sec. 3.4, Eq. 18-22"), ()),
+    (RopeType("dynamic_yarn", DynamicYarnParams,
+              lambda rc, n: freq.dynamic_yarn_frequencies(rc.rope_theta, rc.rotary_dim, rc.params, n),
+              length_dependent=True, source="Dynamic YaRN (Peng et al. 2023, Sec. 3.3 + 3.4)"), ("dynamic-yarn",)),
+    (RopeType("longrope", LongRopeParams,
+              lambda rc, n: freq.longrope_frequencies(rc.rope_theta, rc.rotary_dim, rc.params,
+                                                      rc.max_position_embeddings, n),
+              length_dependent=True, source="LongRoPE (Ding et al. 2024, arXiv 2402.13753); Phi-3"), ()),
+    (RopeType("llama3", Llama3Params,
+              lambda rc, n: freq.llama3_frequencies(rc.rope_theta, rc.rotary_dim, rc.params),
+              source="Llama 3.1 (Meta, apply_scaling in the reference code)"), ()),
+    (RopeType("proportional", ProportionalParams,
+              lambda rc, n: freq.proportional_frequencies(rc.rope_theta, rc.head_dim, rc.partial_rotary_factor,
+                                                          rc.params),
+              source="Proportional RoPE (transformers, Gemma 4)"), ()),
+]:
+    ROPE_TYPES.register(_entry, _aliases)
 
 
 def canonical_rope_type(name: Any) -> str:
     """Resolve aliases; unknown names raise ValueError listing the known ones."""
     if not isinstance(name, str):
         raise ValueError(f"rope key 'rope_type' must be a string, got {name!r}")
-    rope_type = ALIASES.get(name, name)
-    if rope_type not in METHODS:
-        known = ", ".join(sorted(METHODS) + sorted(ALIASES))
-        raise ValueError(f"unknown rope_type {name!r}; known: {known}")
-    return rope_type
+    return ROPE_TYPES.resolve(name)
 
 
 @dataclass(frozen=True)
@@ -115,8 +106,15 @@ class RopeConfig:
     max_position_embeddings: int | None = None
 
     @property
-    def method(self) -> RopeMethod:
-        return METHODS[self.rope_type]
+    def entry(self) -> RopeType:
+        """This configuration's ``ROPE_TYPES`` entry."""
+        return ROPE_TYPES[self.rope_type]
+
+    @property
+    def method(self) -> RopeType:
+        """Deprecated name of ``entry``."""
+        _deprecated("RopeConfig.method", "RopeConfig.entry")
+        return self.entry
 
     @property
     def rotary_dim(self) -> int:
@@ -128,7 +126,7 @@ class RopeConfig:
     @property
     def is_dynamic(self) -> bool:
         """True when the frequencies depend on the current sequence length."""
-        return self.method.length_dependent
+        return self.entry.length_dependent
 
     @property
     def original_max_position_embeddings(self) -> int | None:
@@ -144,7 +142,7 @@ class RopeConfig:
 
     def frequencies(self, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
         """(inv_freq float32 ``(R/2,)``, attention_factor) at the given current length."""
-        inv_freq, attention_factor = self.method.compute(self, seq_len)
+        inv_freq, attention_factor = self.entry.compute(self, seq_len)
         return inv_freq.to(torch.float32), float(attention_factor)
 
     @classmethod
@@ -164,8 +162,8 @@ class RopeConfig:
             out["max_position_embeddings"] = self.max_position_embeddings
         return out
 
-    def with_method(self, spec: str | Mapping | RopeConfig) -> RopeConfig:
-        """The same model geometry (D, base, trained length) with another rope method.
+    def with_rope_type(self, spec: str | Mapping | RopeConfig) -> RopeConfig:
+        """The same model geometry (D, base, trained length) with another rope type.
 
         ``spec`` is a ``RopeConfig``, an HF ``rope_parameters`` dict, or a string
         ``TYPE[:key=value[,key=value...]]`` such as ``"yarn:factor=2"``.
@@ -179,6 +177,11 @@ class RopeConfig:
               "partial_rotary_factor": self.partial_rotary_factor, "rope_parameters": rope_parameters}
         return _parse_hf(hf)
 
+    def with_method(self, spec: str | Mapping | RopeConfig) -> RopeConfig:
+        """Deprecated name of ``with_rope_type``."""
+        _deprecated("RopeConfig.with_method", "RopeConfig.with_rope_type")
+        return self.with_rope_type(spec)
+
     def describe(self) -> str:
         """One line: type and non-default parameters."""
         params = ", ".join(f"{k}={v}" for k, v in self.params.to_hf().items() if not isinstance(v, list))
@@ -188,18 +191,40 @@ class RopeConfig:
 def parse_spec(spec: str) -> dict:
     """``"yarn:factor=2,beta_fast=32"`` -> ``{"rope_type": "yarn", "factor": 2, "beta_fast": 32}``.
 
-    Values are read as JSON where possible (numbers, true/false, lists), else kept as strings.
+    Values are read as JSON where possible (numbers, true/false, lists such as ``[1,2]``: commas
+    inside brackets do not split), else kept as strings. A key given twice is an error.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a method spec must be 'TYPE[:key=value,...]', got {spec!r}")
+        raise ValueError(f"a spec must be 'TYPE[:key=value,...]', got {spec!r}")
     rope_type, _, rest = spec.strip().partition(":")
     out: dict[str, Any] = {"rope_type": rope_type.strip()}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
+    for item in _split_items(rest, spec):
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"method spec {spec!r}: expected key=value, got {item!r}")
-        out[key.strip()] = _spec_value(value.strip())
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"spec {spec!r}: expected key=value, got {item!r}")
+        if key in out:
+            raise ValueError(f"spec {spec!r}: key {key!r} is given twice")
+        out[key] = _spec_value(value.strip())
     return out
+
+
+def _split_items(text: str, spec: str) -> list[str]:
+    """``text`` split at the commas outside brackets; empty items dropped."""
+    items, depth, current = [], 0, []
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0:
+            raise ValueError(f"spec {spec!r}: unbalanced ']'")
+        if char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth:
+        raise ValueError(f"spec {spec!r}: unbalanced '['")
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
 
 
 def _spec_value(text: str) -> Any:
@@ -260,10 +285,10 @@ def _parse_hf(config: Mapping) -> RopeConfig:
                          "must be even and >= 2")
     max_len = config.get("max_position_embeddings")
     if max_len is not None:
-        max_len = check_number("max_position_embeddings", max_len, low=1, integer=True)
+        max_len = LENGTH.check("max_position_embeddings", max_len)
     context = {"rope_type": rope_type, "rotary_dim": rotary_dim, "max_position_embeddings": max_len,
                "original_max_position_embeddings": config.get("original_max_position_embeddings")}
-    params = METHODS[rope_type].params.parse(raw, context)
+    params = ROPE_TYPES[rope_type].params.parse(raw, context)
     return RopeConfig(head_dim=head_dim, rope_theta=theta, rope_type=rope_type, params=params,
                       partial_rotary_factor=partial, max_position_embeddings=max_len)
 
@@ -280,6 +305,15 @@ def compute_inv_freq(config: Any, seq_len: int | None = None) -> tuple[torch.Ten
     return RopeConfig.from_hf(config).frequencies(seq_len)
 
 
-def replace_params(rc: RopeConfig, **changes: Any) -> RopeConfig:
-    """A copy of ``rc`` with some method parameters changed."""
-    return dataclasses.replace(rc, params=dataclasses.replace(rc.params, **changes))
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+
+
+def __getattr__(name: str) -> Any:
+    """Old names, importable for one release: METHODS (now ROPE_TYPES), RopeMethod (now RopeType)."""
+    renamed = {"METHODS": ("ROPE_TYPES", ROPE_TYPES), "RopeMethod": ("RopeType", RopeType)}
+    if name in renamed:
+        new, value = renamed[name]
+        _deprecated(f"ropekit.rope.config.{name}", f"ropekit.rope.{new}")
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""cos/sin tables from inverse frequencies and integer positions, exact at huge positions."""
+"""cos/sin tables from inverse frequencies and positions, exact at huge positions."""
 
 from __future__ import annotations
 
@@ -10,14 +10,23 @@ MAX_POSITION = 2**31  # positions must lie in [0, MAX_POSITION)
 
 
 def check_positions(positions: torch.Tensor) -> None:
-    """Raise ValueError unless ``positions`` is an integer tensor of shape (T,) or (B, T) in [0, 2^31)."""
-    if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.is_complex():
-        raise ValueError(f"positions must be an integer tensor, got {getattr(positions, 'dtype', type(positions))}")
+    """Raise ValueError unless ``positions`` is a real tensor of shape (T,) or (B, T) in [0, 2^31).
+
+    Integer positions are the usual case; floating ones (finite) serve methods that place tokens
+    between integer positions (Leaky ReRoPE's far pairs).
+    """
+    if not isinstance(positions, torch.Tensor) or positions.is_complex() or positions.dtype == torch.bool:
+        raise ValueError(f"positions must be an integer or float tensor, got "
+                         f"{getattr(positions, 'dtype', type(positions).__name__)}")
     if positions.dim() not in (1, 2):
         raise ValueError(f"positions must have shape (T,) or (B, T), got {tuple(positions.shape)}")
-    if positions.numel() and (positions.min() < 0 or positions.max() >= MAX_POSITION):
-        raise ValueError(f"positions must lie in [0, 2**31), got min {int(positions.min())}, "
-                         f"max {int(positions.max())}")
+    if positions.numel() == 0:
+        return
+    if positions.dtype.is_floating_point and not bool(torch.isfinite(positions).all()):
+        raise ValueError("positions must be finite")
+    low, high = positions.min(), positions.max()
+    if low < 0 or high >= MAX_POSITION:
+        raise ValueError(f"positions must lie in [0, 2**31), got min {float(low):g}, max {float(high):g}")
 
 
 def rotation_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -35,9 +44,12 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_fact
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles, times ``attention_factor``, converted to ``dtype`` once.
 
-    Shapes: inv_freq ``(R/2,)``, positions ``(T,)`` or ``(B, T)`` -> cos, sin each
-    ``positions.shape + (R/2,)`` (half-size tables, no duplication).
+    Shapes: inv_freq ``(R/2,)``, positions ``(T,)`` or ``(B, T)`` (integer, or float for positions
+    between tokens) -> cos, sin each ``positions.shape + (R/2,)`` (half-size tables, no duplication).
+    ``dtype`` must be a floating dtype (float32 by default: the apply step rotates in float32).
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"rope_cos_sin dtype must be a floating dtype (float32, float64, ...), got {dtype}")
     check_positions(positions)
     if inv_freq.dim() != 1:
         raise ValueError(f"inv_freq must have shape (R/2,), got {tuple(inv_freq.shape)}")

@@ -1,6 +1,6 @@
 """Inverse frequencies for every rope type: small pure functions in float64.
 
-Notation (see METHODS.md): rotary dim ``d``, pair ``i = 0 .. d/2-1``, base ``b``,
+Notation (see docs/rope-types.md): rotary dim ``d``, pair ``i = 0 .. d/2-1``, base ``b``,
 ``theta_i = b^(-2i/d)``, wavelength ``2*pi/theta_i``, trained length ``L``, scale ``s``.
 Every function returns ``(inv_freq, attention_factor)`` with ``inv_freq`` a float64
 tensor of shape ``(d/2,)``; the caller rounds it to float32 once.

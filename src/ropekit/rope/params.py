@@ -1,65 +1,131 @@
-"""Typed parameter sets, one per rope type, and the validators they share.
+"""Typed parameter sets, one per rope type, and the rules that validate their keys.
 
-Each dataclass holds exactly the keys its method reads from a Hugging Face
-``rope_parameters`` dict. ``parse`` builds it from such a dict and raises a
-``ValueError`` naming the key, the value and the allowed range for anything unusable.
+Each dataclass holds exactly the keys its rope type reads from a Hugging Face
+``rope_parameters`` dict. Its ``KEYS`` table gives the rule of every key (a number in a range,
+a flag, a factor list); ``check_keys`` applies those rules alone (no model needed: a SPEC is
+checked this way before a model is loaded), and ``parse(raw, context)`` applies them and then
+the checks that need the model's geometry (``context``: rotary dim, trained length). Every
+problem is a ``ValueError`` naming the key, the value and the allowed range.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
-# Keys every rope_parameters dict may carry besides the method's own.
+# Keys every rope_parameters dict may carry besides the type's own.
 COMMON_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
 
 
 def check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, integer: bool = False) -> float:
+                 low_open: bool = False, integer: bool = False, what: str = "rope key") -> float:
     """Return ``value`` as a float (or int) if it is a finite number inside the range, else raise.
 
     The range is ``[low, high]`` (``(low, high]`` with ``low_open``); ``None`` means unbounded.
+    ``what`` names the kind of key in the message ("rope key", "self-extend key", ...).
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"rope key {key!r} must be a number, got {value!r}")
+        raise ValueError(f"{what} {key!r} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"rope key {key!r} must be finite, got {value!r}")
+        raise ValueError(f"{what} {key!r} must be finite, got {value!r}")
     if integer and value != int(value):
-        raise ValueError(f"rope key {key!r} must be an integer, got {value!r}")
+        raise ValueError(f"{what} {key!r} must be an integer, got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)
     if too_low or (high is not None and value > high):
         left = "(" if low_open else "["
-        raise ValueError(f"rope key {key!r}={value!r} is out of range {left}{low}, {high}]")
+        raise ValueError(f"{what} {key!r}={value!r} is out of range {left}{low}, {high}]")
     return int(value) if integer else float(value)
 
 
-def optional_number(raw: dict, key: str, **limits: Any) -> float | None:
-    """``check_number`` for a key that may be absent or None."""
-    value = raw.get(key)
-    return None if value is None else check_number(key, value, **limits)
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
 
-def warn_unknown_keys(rope_type: str, raw: dict, known: set[str]) -> None:
-    """Warn, as transformers does, about keys the method will ignore."""
-    unknown = set(raw) - known - COMMON_KEYS
-    if unknown:
-        warnings.warn(f"rope_type {rope_type!r} ignores unrecognized keys {sorted(unknown)}", stacklevel=4)
+def check_flag(key: str, value: Any, what: str = "rope key") -> bool:
+    """A boolean: true/false, 1/0, or the strings true/false/yes/no/1/0 (any case); anything else raises."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{what} {key!r} must be true or false (also 1/0, yes/no), got {value!r}")
 
 
 @dataclass(frozen=True)
-class MethodParams:
-    """Base class: a method's typed parameters. Subclasses add fields."""
+class Number:
+    """Rule: a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``), optionally an integer."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    integer: bool = False
+
+    def check(self, key: str, value: Any, what: str = "rope key") -> float:
+        return check_number(key, value, low=self.low, high=self.high, low_open=self.low_open, integer=self.integer,
+                            what=what)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """Rule: a boolean (see ``check_flag``)."""
+
+    def check(self, key: str, value: Any, what: str = "rope key") -> bool:
+        return check_flag(key, value, what)
+
+
+@dataclass(frozen=True)
+class FactorList:
+    """Rule: a list of positive finite numbers (its length is checked against the rotary dim by ``parse``)."""
+
+    def check(self, key: str, value: Any, what: str = "rope key") -> tuple[float, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{what} {key!r} must be a list of numbers (one per rotary pair), got {value!r}")
+        return tuple(check_number(f"{key}[{i}]", v, low=0.0, low_open=True, what=what) for i, v in enumerate(value))
+
+
+FACTOR = Number(low=1.0)
+POSITIVE = Number(low=0.0, low_open=True)
+LENGTH = Number(low=1, integer=True)
+
+
+def _warn_unknown_keys(rope_type: str, raw: Mapping, known: set[str]) -> None:
+    """Warn, as transformers does, about keys the type will ignore."""
+    unknown = set(raw) - known - COMMON_KEYS
+    if unknown:
+        warnings.warn(f"rope_type {rope_type!r} ignores unrecognized keys {sorted(unknown)}", stacklevel=5)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Base class of every typed parameter set (rope types and attention variants).
+
+    ``KEYS`` maps each key to its rule; ``IGNORED`` are keys accepted and left to the caller;
+    ``WHAT`` names the kind of key in messages.
+    """
+
+    KEYS: ClassVar[dict[str, Any]] = {}
+    IGNORED: ClassVar[frozenset[str]] = frozenset()
+    WHAT: ClassVar[str] = "rope key"
 
     @classmethod
-    def parse(cls, raw: dict, context: dict) -> MethodParams:
-        """Build from an HF rope_parameters dict; ``context`` has model-level keys."""
-        warn_unknown_keys(context["rope_type"], raw, {f.name for f in fields(cls)})
-        return cls()
+    def check_keys(cls, name: str, raw: Mapping, *, unknown: str = "warn") -> dict[str, Any]:
+        """Check every key of ``raw`` by its rule, without a model: unknown keys warn (``unknown="warn"``,
+        as transformers does for config files) or raise (``"error"``, for typed SPECs). Returns the checked
+        keys that are present and not None."""
+        extra = sorted(set(raw) - set(cls.KEYS) - cls.IGNORED)
+        if extra and unknown == "error":
+            known = ", ".join(cls.KEYS) or "no keys"
+            raise ValueError(f"{name!r} takes {known}; unknown {extra}")
+        if extra:
+            _warn_unknown_keys(name, raw, set(cls.KEYS) | cls.IGNORED)
+        return {key: rule.check(key, raw[key], cls.WHAT) for key, rule in cls.KEYS.items()
+                if raw.get(key) is not None}
 
     def to_hf(self) -> dict:
-        """The non-None fields as an HF rope_parameters fragment."""
+        """The non-None fields as a dict (an HF rope_parameters fragment for rope types)."""
         out = {}
         for field in fields(self):
             value = getattr(self, field.name)
@@ -68,27 +134,40 @@ class MethodParams:
         return out
 
 
-def parse_factor(raw: dict, default: float | None = None) -> float:
-    """The scale factor s >= 1 (a factor below 1 would shrink the context)."""
-    if raw.get("factor") is None:
-        if default is None:
-            raise ValueError("rope key 'factor' is required, allowed range [1, inf)")
-        return default
-    return check_number("factor", raw["factor"], low=1.0)
+@dataclass(frozen=True)
+class MethodParams(Params):
+    """Base class of a rope type's typed parameters. Subclasses add fields and their ``KEYS`` rules."""
+
+    IGNORED: ClassVar[frozenset[str]] = COMMON_KEYS
+
+    @classmethod
+    def parse(cls, raw: Mapping, context: dict) -> MethodParams:
+        """Build from an HF rope_parameters dict; ``context`` has the model-level keys."""
+        cls.check_keys(context["rope_type"], raw)
+        return cls()
 
 
-def original_length(raw: dict, context: dict, required: bool = True) -> int | None:
+def _factor(values: dict, default: float | None = None) -> float:
+    """The scale factor s >= 1 (already range-checked), or ``default``; required when there is none."""
+    if "factor" in values:
+        return values["factor"]
+    if default is None:
+        raise ValueError("rope key 'factor' is required, allowed range [1, inf)")
+    return default
+
+
+def _original_length(values: dict, context: dict, required: bool = True) -> int | None:
     """The trained context length: rope_parameters, else the model's top-level keys."""
-    value = raw.get("original_max_position_embeddings")
-    if value is None:
-        value = context.get("original_max_position_embeddings") or context.get("max_position_embeddings")
+    if "original_max_position_embeddings" in values:
+        return values["original_max_position_embeddings"]
+    value = context.get("original_max_position_embeddings") or context.get("max_position_embeddings")
     if value is None:
         if required:
             raise ValueError(
                 f"rope_type {context['rope_type']!r} needs 'original_max_position_embeddings' (or the model's "
                 "'max_position_embeddings'), an integer in [1, inf); neither was given")
         return None
-    return check_number("original_max_position_embeddings", value, low=1, integer=True)
+    return LENGTH.check("original_max_position_embeddings", value)
 
 
 @dataclass(frozen=True)
@@ -102,12 +181,13 @@ class LinearParams(MethodParams):
 
     factor: float = 1.0
 
-    FACTOR_DEFAULT = None  # required
+    KEYS: ClassVar[dict[str, Any]] = {"factor": FACTOR}
+    FACTOR_DEFAULT: ClassVar[float | None] = None  # required
 
     @classmethod
-    def parse(cls, raw: dict, context: dict) -> LinearParams:
-        warn_unknown_keys(context["rope_type"], raw, {"factor"})
-        return cls(factor=parse_factor(raw, default=cls.FACTOR_DEFAULT))
+    def parse(cls, raw: Mapping, context: dict) -> LinearParams:
+        values = cls.check_keys(context["rope_type"], raw)
+        return cls(factor=_factor(values, default=cls.FACTOR_DEFAULT))
 
 
 @dataclass(frozen=True)
@@ -117,15 +197,15 @@ class DynamicParams(MethodParams):
     factor: float = 1.0
     original_max_position_embeddings: int | None = None
 
+    KEYS: ClassVar[dict[str, Any]] = {"factor": FACTOR, "original_max_position_embeddings": LENGTH}
+
     @classmethod
-    def parse(cls, raw: dict, context: dict) -> DynamicParams:
-        warn_unknown_keys(context["rope_type"], raw, {"factor", "original_max_position_embeddings"})
-        original = raw.get("original_max_position_embeddings")
-        if original is not None:
-            original = check_number("original_max_position_embeddings", original, low=1, integer=True)
-        elif context.get("max_position_embeddings") is None:
-            original_length(raw, context)  # raises: dynamic needs some length to compare against
-        return cls(factor=parse_factor(raw), original_max_position_embeddings=original)
+    def parse(cls, raw: Mapping, context: dict) -> DynamicParams:
+        values = cls.check_keys(context["rope_type"], raw)
+        original = values.get("original_max_position_embeddings")
+        if original is None and context.get("max_position_embeddings") is None:
+            _original_length(values, context)  # raises: dynamic needs some length to compare against
+        return cls(factor=_factor(values), original_max_position_embeddings=original)
 
 
 @dataclass(frozen=True)
@@ -134,11 +214,12 @@ class NtkParams(MethodParams):
 
     factor: float = 1.0
 
+    KEYS: ClassVar[dict[str, Any]] = {"factor": FACTOR, "alpha": FACTOR}
+
     @classmethod
-    def parse(cls, raw: dict, context: dict) -> NtkParams:
-        warn_unknown_keys(context["rope_type"], raw, {"factor", "alpha"})
-        factor = None if raw.get("factor") is None else check_number("factor", raw["factor"], low=1.0)
-        alpha = None if raw.get("alpha") is None else check_number("alpha", raw["alpha"], low=1.0)
+    def parse(cls, raw: Mapping, context: dict) -> NtkParams:
+        values = cls.check_keys(context["rope_type"], raw)
+        factor, alpha = values.get("factor"), values.get("alpha")
         if factor is not None and alpha is not None and factor != alpha:
             raise ValueError(f"rope_type 'ntk' takes 'factor' or 'alpha' (synonyms), got factor={factor} "
                              f"and alpha={alpha}")
@@ -147,29 +228,20 @@ class NtkParams(MethodParams):
         return cls(factor=factor if factor is not None else alpha)
 
 
-def parse_yarn_common(raw: dict) -> dict:
-    """Fields YaRN and dynamic YaRN share, validated."""
-    beta_fast = raw.get("beta_fast") or 32
-    beta_slow = raw.get("beta_slow") or 1
-    beta_fast = check_number("beta_fast", beta_fast, low=0.0, low_open=True)
-    beta_slow = check_number("beta_slow", beta_slow, low=0.0, low_open=True)
+_YARN_RAMP_KEYS: dict[str, Any] = {
+    "original_max_position_embeddings": LENGTH, "beta_fast": POSITIVE, "beta_slow": POSITIVE, "truncate": Flag(),
+    "attention_factor": POSITIVE, "mscale": Number(low=0.0), "mscale_all_dim": Number(low=0.0),
+}
+
+
+def _yarn_common(values: dict) -> dict:
+    """Fields YaRN and dynamic YaRN share: defaults for absent keys, then the cross-key check."""
+    beta_fast, beta_slow = values.get("beta_fast", 32.0), values.get("beta_slow", 1.0)
     if beta_fast < beta_slow:
         raise ValueError(f"rope key 'beta_fast'={beta_fast} must be >= 'beta_slow'={beta_slow}")
-    truncate = raw.get("truncate", True)
-    if not isinstance(truncate, bool):
-        raise ValueError(f"rope key 'truncate' must be true or false, got {truncate!r}")
-    return {
-        "beta_fast": float(beta_fast),
-        "beta_slow": float(beta_slow),
-        "truncate": truncate,
-        "attention_factor": optional_number(raw, "attention_factor", low=0.0, low_open=True),
-        "mscale": optional_number(raw, "mscale", low=0.0),
-        "mscale_all_dim": optional_number(raw, "mscale_all_dim", low=0.0),
-    }
-
-
-YARN_KEYS = {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
-             "attention_factor", "mscale", "mscale_all_dim"}
+    return {"beta_fast": float(beta_fast), "beta_slow": float(beta_slow), "truncate": values.get("truncate", True),
+            "attention_factor": values.get("attention_factor"), "mscale": values.get("mscale"),
+            "mscale_all_dim": values.get("mscale_all_dim")}
 
 
 @dataclass(frozen=True)
@@ -191,25 +263,29 @@ class YarnParams(YarnRampParams):
 
     factor: float = 1.0
 
+    KEYS: ClassVar[dict[str, Any]] = {"factor": FACTOR, **_YARN_RAMP_KEYS}
+
     @classmethod
-    def parse(cls, raw: dict, context: dict) -> YarnParams:
-        warn_unknown_keys(context["rope_type"], raw, YARN_KEYS)
-        original = original_length(raw, context)
-        if raw.get("factor") is None and context.get("max_position_embeddings"):
-            factor = check_number("factor", context["max_position_embeddings"] / original, low=1.0)
+    def parse(cls, raw: Mapping, context: dict) -> YarnParams:
+        values = cls.check_keys(context["rope_type"], raw)
+        original = _original_length(values, context)
+        if "factor" not in values and context.get("max_position_embeddings"):
+            factor = FACTOR.check("factor", context["max_position_embeddings"] / original)
         else:
-            factor = parse_factor(raw)
-        return cls(factor=factor, original_max_position_embeddings=original, **parse_yarn_common(raw))
+            factor = _factor(values)
+        return cls(factor=factor, original_max_position_embeddings=original, **_yarn_common(values))
 
 
 @dataclass(frozen=True)
 class DynamicYarnParams(YarnRampParams):
     """YaRN whose factor follows the sequence: s = max(1, seq_len / original length)."""
 
+    KEYS: ClassVar[dict[str, Any]] = dict(_YARN_RAMP_KEYS)
+
     @classmethod
-    def parse(cls, raw: dict, context: dict) -> DynamicYarnParams:
-        warn_unknown_keys(context["rope_type"], raw, YARN_KEYS - {"factor"})
-        return cls(original_max_position_embeddings=original_length(raw, context), **parse_yarn_common(raw))
+    def parse(cls, raw: Mapping, context: dict) -> DynamicYarnParams:
+        values = cls.check_keys(context["rope_type"], raw)
+        return cls(original_max_position_embeddings=_original_length(values, context), **_yarn_common(values))
 
 
 @dataclass(frozen=True)
@@ -222,23 +298,24 @@ class LongRopeParams(MethodParams):
     factor: float | None = None
     attention_factor: float | None = None
 
+    KEYS: ClassVar[dict[str, Any]] = {"short_factor": FactorList(), "long_factor": FactorList(),
+                                      "original_max_position_embeddings": LENGTH, "factor": FACTOR,
+                                      "attention_factor": POSITIVE}
+
     @classmethod
-    def parse(cls, raw: dict, context: dict) -> LongRopeParams:
-        warn_unknown_keys(context["rope_type"], raw, {f.name for f in fields(cls)})
+    def parse(cls, raw: Mapping, context: dict) -> LongRopeParams:
+        values = cls.check_keys(context["rope_type"], raw)
         pairs = context["rotary_dim"] // 2
-        lists = {key: _factor_list(key, raw.get(key), pairs) for key in ("short_factor", "long_factor")}
-        factor = None if raw.get("factor") is None else check_number("factor", raw["factor"], low=1.0)
-        return cls(original_max_position_embeddings=original_length(raw, context), factor=factor,
-                   attention_factor=optional_number(raw, "attention_factor", low=0.0, low_open=True), **lists)
-
-
-def _factor_list(key: str, value: Any, pairs: int) -> tuple[float, ...]:
-    """A LongRoPE factor list: exactly ``pairs`` positive finite numbers."""
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"rope key {key!r} must be a list of {pairs} numbers (rotary_dim/2), got {value!r}")
-    if len(value) != pairs:
-        raise ValueError(f"rope key {key!r} must have length {pairs} (rotary_dim/2), got length {len(value)}")
-    return tuple(check_number(f"{key}[{i}]", v, low=0.0, low_open=True) for i, v in enumerate(value))
+        for key in ("short_factor", "long_factor"):
+            if key not in values:
+                raise ValueError(f"rope key {key!r} must be a list of {pairs} numbers (rotary_dim/2), "
+                                 f"got {raw.get(key)!r}")
+            if len(values[key]) != pairs:
+                raise ValueError(f"rope key {key!r} must have length {pairs} (rotary_dim/2), "
+                                 f"got length {len(values[key])}")
+        return cls(short_factor=values["short_factor"], long_factor=values["long_factor"],
+                   original_max_position_embeddings=_original_length(values, context), factor=values.get("factor"),
+                   attention_factor=values.get("attention_factor"))
 
 
 @dataclass(frozen=True)
@@ -250,22 +327,24 @@ class Llama3Params(MethodParams):
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
 
+    KEYS: ClassVar[dict[str, Any]] = {"factor": FACTOR, "low_freq_factor": POSITIVE, "high_freq_factor": POSITIVE,
+                                      "original_max_position_embeddings": LENGTH}
+
     @classmethod
-    def parse(cls, raw: dict, context: dict) -> Llama3Params:
-        warn_unknown_keys(context["rope_type"], raw, {f.name for f in fields(cls)})
+    def parse(cls, raw: Mapping, context: dict) -> Llama3Params:
+        values = cls.check_keys(context["rope_type"], raw)
         for key in ("low_freq_factor", "high_freq_factor"):
-            if raw.get(key) is None:
+            if key not in values:
                 raise ValueError(f"rope_type 'llama3' needs {key!r}, a number in (0, inf)")
-        low = check_number("low_freq_factor", raw["low_freq_factor"], low=0.0, low_open=True)
-        high = check_number("high_freq_factor", raw["high_freq_factor"], low=0.0, low_open=True)
+        low, high = values["low_freq_factor"], values["high_freq_factor"]
         if high <= low:
             raise ValueError(f"rope key 'high_freq_factor'={high} must be > 'low_freq_factor'={low}")
-        original = original_length(raw, context)
+        original = _original_length(values, context)
         max_len = context.get("max_position_embeddings")
-        if max_len is not None and original > max_len:  # equal is how with_method() describes a model
+        if max_len is not None and original > max_len:  # equal is how with_rope_type() describes a model
             warnings.warn(f"llama3: original_max_position_embeddings={original} should not exceed "
-                          f"max_position_embeddings={max_len}", stacklevel=3)
-        return cls(factor=parse_factor(raw), low_freq_factor=low, high_freq_factor=high,
+                          f"max_position_embeddings={max_len}", stacklevel=4)
+        return cls(factor=_factor(values), low_freq_factor=low, high_freq_factor=high,
                    original_max_position_embeddings=original)
 
 
@@ -276,4 +355,4 @@ class ProportionalParams(LinearParams):
     Same single ``factor`` as linear, but optional (default 1).
     """
 
-    FACTOR_DEFAULT = 1.0
+    FACTOR_DEFAULT: ClassVar[float | None] = 1.0

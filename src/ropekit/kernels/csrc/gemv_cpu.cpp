@@ -357,41 +357,36 @@ void gemv_swiglu(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Ten
   });
 }
 
-// Attention of one new token (all heads) over the cached keys of one layer.
-// qkv: [(H + 2 Hkv) * D] float32, q then k then v, q and k already rotated. k and v are first
-// written into slot `pos` of k_cache/v_cache ([Hkv, S_max, D] float32, contiguous); then query
-// head h (grouped: kv head h / (H / Hkv)) attends to slots 0..pos. out: [H * D].
-void decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,
-                      int64_t num_heads, const at::Tensor& out, double scale) {
-  const char* what = "decode_attention";
-  check_vector(qkv, what, "qkv");
-  check_vector(k_cache, what, "k_cache");
-  check_vector(v_cache, what, "v_cache");
-  check_vector(out, what, "out");
-  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), what,
-              ": caches must be [Hkv, S_max, D] of the same shape");
-  const int64_t Hkv = k_cache.size(0), S_max = k_cache.size(1), D = k_cache.size(2), H = num_heads;
-  TORCH_CHECK(H > 0 && H % Hkv == 0, what, ": num_heads must be a multiple of the kv heads");
-  TORCH_CHECK(qkv.numel() == (H + 2 * Hkv) * D && out.numel() == H * D, what, ": qkv/out sizes do not match");
-  TORCH_CHECK(pos >= 0 && pos < S_max, what, ": slot ", pos, " outside the cache of ", S_max, " slots");
-  const float* q = qkv.const_data_ptr<float>();
-  const float* k_new = q + H * D;
-  const float* v_new = k_new + Hkv * D;
-  float* kc = k_cache.mutable_data_ptr<float>();
-  float* vc = v_cache.mutable_data_ptr<float>();
-  float* o = out.mutable_data_ptr<float>();
+// float32 -> bfloat16, rounding to nearest even (torch's conversion); NaN stays NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, sizeof(float) * n); }
+inline void store_row(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+inline float cache_value(float v) { return v; }
+inline float cache_value(uint16_t v) { return bf16_to_float(v); }
+
+// One token's attention over the cache of one layer, for cache element type C (float or bf16).
+template <typename C>
+void attend_one(const float* q, const float* k_new, const float* v_new, C* kc, C* vc, int64_t H, int64_t Hkv,
+                int64_t S_max, int64_t D, int64_t slot, float sc, float* o) {
   for (int64_t g = 0; g < Hkv; ++g) {
-    std::memcpy(kc + (g * S_max + pos) * D, k_new + g * D, sizeof(float) * D);
-    std::memcpy(vc + (g * S_max + pos) * D, v_new + g * D, sizeof(float) * D);
+    store_row(kc + (g * S_max + slot) * D, k_new + g * D, D);
+    store_row(vc + (g * S_max + slot) * D, v_new + g * D, D);
   }
-  const int64_t S = pos + 1, groups = H / Hkv;
-  const float sc = static_cast<float>(scale);
+  const int64_t S = slot + 1, groups = H / Hkv;
   parallel_chunks(H, S * D >= 4096 ? 1 : H, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S);
     for (int64_t h = begin; h < end; ++h) {
       const float* qh = q + h * D;
-      const float* kh = kc + (h / groups) * S_max * D;
-      const float* vh = vc + (h / groups) * S_max * D;
+      const C* kh = kc + (h / groups) * S_max * D;
+      const C* vh = vc + (h / groups) * S_max * D;
       float m = -INFINITY;
       for (int64_t s = 0; s < S; ++s) {
         p[s] = dot_row(kh + s * D, qh, D) * sc;
@@ -406,12 +401,52 @@ void decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache, const at
       std::fill(oh, oh + D, 0.f);
       for (int64_t s = 0; s < S; ++s) {
         const float ps = p[s] / total;
-        const float* vs = vh + s * D;
+        const C* vs = vh + s * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) oh[d] += ps * vs[d];
+        for (int64_t d = 0; d < D; ++d) oh[d] += ps * cache_value(vs[d]);
       }
     }
   });
+}
+
+// Attention of one new token (all heads) over the cached keys of one layer.
+// q: [H * D], k_new/v_new: [Hkv * D] float32 (q and k already rotated). k_new and v_new are first
+// written into slot `slot` of k_cache/v_cache ([Hkv, S_max, D], float32 or bfloat16, contiguous;
+// bfloat16 rounds to nearest even); then query head h (grouped: kv head h / (H / Hkv)) attends to
+// slots 0..slot. out: [H * D] float32.
+void decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                      const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t slot, const at::Tensor& out,
+                      double scale) {
+  const char* what = "decode_attention";
+  check_vector(q, what, "q");
+  check_vector(k_new, what, "k");
+  check_vector(v_new, what, "v");
+  check_vector(out, what, "out");
+  TORCH_CHECK(k_cache.device().is_cpu() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              what, ": caches must be contiguous float32 or bfloat16 CPU tensors of one dtype");
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), what,
+              ": caches must be [Hkv, S_max, D] of the same shape");
+  const int64_t Hkv = k_cache.size(0), S_max = k_cache.size(1), D = k_cache.size(2);
+  TORCH_CHECK(D > 0 && q.numel() % D == 0, what, ": q size ", q.numel(), " is not a multiple of D=", D);
+  const int64_t H = q.numel() / D;
+  TORCH_CHECK(H > 0 && H % Hkv == 0, what, ": the query heads must be a multiple of the kv heads");
+  TORCH_CHECK(k_new.numel() == Hkv * D && v_new.numel() == Hkv * D && out.numel() == H * D, what,
+              ": k/v/out sizes do not match the cache");
+  TORCH_CHECK(slot >= 0 && slot < S_max, what, ": slot ", slot, " outside the cache of ", S_max, " slots");
+  const float* qp = q.const_data_ptr<float>();
+  const float* kp = k_new.const_data_ptr<float>();
+  const float* vp = v_new.const_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  if (k_cache.scalar_type() == at::kFloat) {
+    attend_one(qp, kp, vp, k_cache.mutable_data_ptr<float>(), v_cache.mutable_data_ptr<float>(), H, Hkv, S_max, D,
+               slot, sc, o);
+  } else {
+    attend_one(qp, kp, vp, reinterpret_cast<uint16_t*>(k_cache.mutable_data_ptr()),
+               reinterpret_cast<uint16_t*>(v_cache.mutable_data_ptr()), H, Hkv, S_max, D, slot, sc, o);
+  }
 }
 
 // Read every element once (a dot product with ones, the GEMV's own inner loop): the read
@@ -447,8 +482,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("accumulate") = false, py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5);
   m.def("gemv_swiglu", &gemv_swiglu, "y = silu(W_gate @ x) * (W_up @ x)", py::arg("w_gate"), py::arg("w_up"),
         py::arg("x"), py::arg("y"), py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5);
-  m.def("decode_attention", &decode_attention, "one-token GQA attention over a static cache", py::arg("qkv"),
-        py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"), py::arg("num_heads"), py::arg("out"),
+  m.def("decode_attention", &decode_attention, "one-token GQA attention over a preallocated cache", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot"), py::arg("out"),
         py::arg("scale"));
   m.def("stream_sum", &stream_sum, "sum of a float32 tensor (a read-bandwidth probe)", py::arg("w"));
   m.def("kernel_isa", &kernel_isa, "which vector path was compiled: avx512, avx2 or generic");

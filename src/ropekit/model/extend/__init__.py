@@ -1,19 +1,57 @@
-"""Training-free context extension at the attention level, and the SPEC parser that selects it.
+"""Deprecated home of the attention-level methods (one release): use ``ropekit.attention`` and
+``ropekit.extension``.
 
-- ``self_extend``: Self-Extend (Jin et al. 2024); ``rerope``: ReRoPE / Leaky ReRoPE (Su 2023);
-- ``dynamic_consistent``: dynamic NTK / YaRN with every cached key at the current frequencies;
-- ``remap``: the chunked two-rotation attention that Self-Extend and ReRoPE share;
-- ``spec``: ``parse_method("yarn:factor=2+self-extend:group=4,window=1024")`` and ``apply_method``.
-All plug into the model through ``AttentionMethod`` (``model.set_attention``) and cache keys unrotated.
+Old name -> new name: ``parse_method`` -> ``ropekit.extension.parse_extension``, ``MethodSpec`` ->
+``ExtensionSpec``, ``apply_method`` -> ``ropekit.model.apply_extension``, ``ATTENTION_METHODS`` ->
+``ropekit.attention.ATTENTION_VARIANTS``, ``SelfExtendAttention(...)`` ->
+``VariantAttention(SelfExtend(...))`` (likewise ``ReRopeAttention`` / ``ReRope``,
+``ConsistentDynamicAttention`` / ``ConsistentDynamic``), ``merged_attention`` ->
+``ropekit.attention.merged_attention``.
 """
 
-from ropekit.model.extend.dynamic_consistent import ConsistentDynamicAttention
-from ropekit.model.extend.remap import RemappedAttention, merged_attention
-from ropekit.model.extend.rerope import ReRopeAttention
-from ropekit.model.extend.self_extend import SelfExtendAttention
-from ropekit.model.extend.spec import ATTENTION_METHODS, MethodSpec, apply_method, parse_method
+from __future__ import annotations
 
-__all__ = [
-    "ATTENTION_METHODS", "ConsistentDynamicAttention", "MethodSpec", "ReRopeAttention", "RemappedAttention",
-    "SelfExtendAttention", "apply_method", "merged_attention", "parse_method",
-]
+import warnings
+from typing import Any
+
+from ropekit.attention import ATTENTION_VARIANTS, ConsistentDynamic, ReRope, SelfExtend, merged_attention
+from ropekit.attention.remap import DEFAULT_CHUNK
+from ropekit.extension import ExtensionSpec, parse_extension
+from ropekit.model.attention import VariantAttention, apply_extension
+
+
+class _SelfExtendAttention(VariantAttention):
+    def __init__(self, group: int = 4, window: int = 1024, chunk_size: int = DEFAULT_CHUNK):
+        super().__init__(SelfExtend(group, window, chunk_size))
+
+
+class _ReRopeAttention(VariantAttention):
+    def __init__(self, window: int = 512, leak: float | None = None, logn: bool = False,
+                 chunk_size: int = DEFAULT_CHUNK):
+        super().__init__(ReRope(window, leak, logn, chunk_size))
+
+
+class _ConsistentDynamicAttention(VariantAttention):
+    def __init__(self):
+        super().__init__(ConsistentDynamic())
+
+
+_RENAMED = {
+    "parse_method": ("ropekit.extension.parse_extension", parse_extension),
+    "MethodSpec": ("ropekit.extension.ExtensionSpec", ExtensionSpec),
+    "apply_method": ("ropekit.model.apply_extension", apply_extension),
+    "ATTENTION_METHODS": ("ropekit.attention.ATTENTION_VARIANTS", ATTENTION_VARIANTS),
+    "merged_attention": ("ropekit.attention.merged_attention", merged_attention),
+    "SelfExtendAttention": ("VariantAttention(ropekit.attention.SelfExtend(...))", _SelfExtendAttention),
+    "ReRopeAttention": ("VariantAttention(ropekit.attention.ReRope(...))", _ReRopeAttention),
+    "ConsistentDynamicAttention": ("VariantAttention(ropekit.attention.ConsistentDynamic())",
+                                   _ConsistentDynamicAttention),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        new, value = _RENAMED[name]
+        warnings.warn(f"ropekit.model.extend.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from ropekit.model.extend.remap import DEFAULT_CHUNK, RemappedAttention
+from ropekit.attention.remap import DEFAULT_CHUNK, RemappedVariant
 
 
-class SelfExtendAttention(RemappedAttention):
+class SelfExtend(RemappedVariant):
     name = "self-extend"
 
     def __init__(self, group: int = 4, window: int = 1024, chunk_size: int = DEFAULT_CHUNK):
-        if int(group) != group or group < 1:
-            raise ValueError(f"self-extend group must be an integer >= 1, got {group!r}")
-        if int(window) != window or window < 1:
-            raise ValueError(f"self-extend window must be an integer >= 1, got {window!r}")
         self.group, self.window, self.chunk_size = int(group), int(window), int(chunk_size)
 
     def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,4 +25,4 @@ class SelfExtendAttention(RemappedAttention):
         return q_pos.clamp(min=0) // G + W - W // G, k_pos // G
 
     def __repr__(self) -> str:
-        return f"SelfExtendAttention(group={self.group}, window={self.window})"
+        return f"SelfExtend(group={self.group}, window={self.window})"

@@ -14,19 +14,17 @@ import math
 
 import torch
 
-from ropekit.model.attention import AttentionContext
-from ropekit.model.extend.remap import DEFAULT_CHUNK, RemappedAttention
+from ropekit.attention.remap import DEFAULT_CHUNK, RemappedVariant
+from ropekit.rope import RotaryEmbedding
+
+DEFAULT_TRAINED = 2048  # L for log-n scaling when the rope does not say
 
 
-class ReRopeAttention(RemappedAttention):
+class ReRope(RemappedVariant):
     """``leak=None``: ReRoPE; ``leak=k > 1``: Leaky ReRoPE."""
 
     def __init__(self, window: int = 512, leak: float | None = None, logn: bool = False,
                  chunk_size: int = DEFAULT_CHUNK):
-        if int(window) != window or window < 1:
-            raise ValueError(f"rerope window must be an integer >= 1, got {window!r}")
-        if leak is not None and not (isinstance(leak, (int, float)) and leak > 1):
-            raise ValueError(f"leaky-rerope k must be a number > 1, got {leak!r}")
         self.window, self.leak, self.logn, self.chunk_size = int(window), leak, bool(logn), int(chunk_size)
         self.name = "rerope" if leak is None else "leaky-rerope"
 
@@ -37,12 +35,12 @@ class ReRopeAttention(RemappedAttention):
         k = float(self.leak)
         return q_pos.to(torch.float64) / k + w * (1 - 1 / k), k_pos.to(torch.float64) / k
 
-    def query_scale(self, q_pos: torch.Tensor, context: AttentionContext) -> torch.Tensor | None:
+    def query_scale(self, q_pos: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor | None:
         if not self.logn:
             return None
-        trained = context.rope.config.original_max_position_embeddings or 2048
+        trained = rope.config.original_max_position_embeddings or DEFAULT_TRAINED
         return (torch.log(q_pos.clamp(min=0).to(torch.float64) + 1) / math.log(trained)).clamp(min=1).float()
 
     def __repr__(self) -> str:
         leak = "" if self.leak is None else f", k={self.leak}"
-        return f"ReRopeAttention(window={self.window}{leak}, logn={self.logn})"
+        return f"ReRope(window={self.window}{leak}, logn={self.logn})"

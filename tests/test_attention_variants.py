@@ -1,4 +1,4 @@
-"""Attention-level context extension against slow references.
+"""Attention variants (ropekit.attention) against slow references, in isolation and in the engine.
 
 - Self-Extend equals the explicit two-matrix masked merge (neighbour scores where i - j < W,
   grouped scores elsewhere, one softmax) and the per-pair rotation by the remapped distance;
@@ -18,14 +18,10 @@ import pytest
 import torch
 from tiny_llama import tiny_model
 
-from ropekit.model.attention import AttentionContext
-from ropekit.model.extend import (
-    ConsistentDynamicAttention,
-    ReRopeAttention,
-    SelfExtendAttention,
-    apply_method,
-    parse_method,
-)
+from ropekit.attention import ConsistentDynamic, ReRope, SelfExtend, fast_prefill_attention, merged_attention
+from ropekit.attention.remap import flash_with_lse
+from ropekit.extension import parse_extension
+from ropekit.model import KVCache, RopeAttention, VariantAttention, apply_extension
 from ropekit.rope import RopeConfig, RotaryEmbedding
 
 B, H, HKV, D = 2, 4, 2, 16
@@ -41,17 +37,14 @@ def qkv(T: int, seed: int = 0, dtype=torch.float64):
 
 def rope_of(spec: str = "default", trained: int = 16) -> RotaryEmbedding:
     base = RopeConfig(head_dim=D, rope_theta=10000.0, max_position_embeddings=trained)
-    return RotaryEmbedding(base.with_method(spec))
+    return RotaryEmbedding(base.with_rope_type(spec))
 
 
-def run_method(method, q, k, v, rope):
-    """The method's output for q, k, v at positions 0..T-1 (prefill, no cache)."""
+def run_variant(variant, q, k, v, rope):
+    """The variant's output for q, k, v at positions 0..T-1 (prefill, no cache), through its contract."""
     T = q.shape[2]
-    positions = torch.arange(T)
-    ctx = AttentionContext(positions=positions, key_positions=positions.expand(B, T), rope=rope,
-                           method=method, is_causal=True)
-    method.prepare(ctx)
-    return method.attend(0, q, k, v, ctx)
+    positions = torch.arange(T).expand(B, T)
+    return variant.attend(q, k, v, variant.tables(rope, positions, positions))
 
 
 def rotate_by(x: torch.Tensor, distance: float, inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
@@ -109,7 +102,7 @@ def two_matrix_self_extend(q, k, v, rope, group: int, window: int) -> torch.Tens
 def test_self_extend_equals_two_matrix_merge(group, window, chunk, spec):
     q, k, v = qkv(23)
     rope = rope_of(spec)
-    got = run_method(SelfExtendAttention(group, window, chunk_size=chunk), q, k, v, rope)
+    got = run_variant(SelfExtend(group, window, chunk_size=chunk), q, k, v, rope)
     ref = two_matrix_self_extend(q, k, v, rope, group, window)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6)
 
@@ -121,7 +114,7 @@ def test_self_extend_equals_per_pair_remapped_distance():
     def distance(i, j):
         return i - j if i - j < W else (i // G + W - W // G) - j // G
 
-    got = run_method(SelfExtendAttention(G, W, chunk_size=4), q, k, v, rope)
+    got = run_variant(SelfExtend(G, W, chunk_size=4), q, k, v, rope)
     torch.testing.assert_close(got, pairwise_reference(q, k, v, rope, distance), rtol=1e-5, atol=2e-6)
 
 
@@ -136,18 +129,17 @@ def test_rerope_equals_clipped_distance_computed_pair_by_pair(window, leak):
             return r
         return window if leak is None else window + (r - window) / leak
 
-    got = run_method(ReRopeAttention(window, leak=leak, chunk_size=5), q, k, v, rope)
+    got = run_variant(ReRope(window, leak=leak, chunk_size=5), q, k, v, rope)
     torch.testing.assert_close(got, pairwise_reference(q, k, v, rope, distance), rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("method", [SelfExtendAttention(4, 100), ReRopeAttention(100),
-                                    ReRopeAttention(100, leak=4)])
-def test_window_longer_than_text_is_plain_rope(method):
+@pytest.mark.parametrize("variant", [SelfExtend(4, 100), ReRope(100), ReRope(100, leak=4)])
+def test_window_longer_than_text_is_plain_rope(variant):
     model = tiny_model()
     ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids)
-        model.set_attention(method)
+        model.set_attention(VariantAttention(variant))
         torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -162,7 +154,7 @@ def test_prefill_and_decode_with_cache_equal_full_recompute(spec):
     """Non-dynamic rope: every token's logits are the same whether computed in one pass, in
     chunks, or one by one from the cache (keys cached unrotated, rotated on use)."""
     model = tiny_model(max_position_embeddings=16)
-    apply_method(model, spec)
+    apply_extension(model, spec)
     ids = torch.randint(0, 200, (1, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids)
@@ -175,7 +167,7 @@ def test_prefill_and_decode_with_cache_equal_full_recompute(spec):
 @pytest.mark.parametrize("spec", ["self-extend:group=2,window=4", "leaky-rerope:window=3,k=2"])
 def test_left_padded_batch_equals_each_row_alone(spec):
     model = tiny_model()
-    apply_method(model, spec)
+    apply_extension(model, spec)
     gen = torch.Generator().manual_seed(2)
     short, long = torch.randint(0, 200, (1, 20), generator=gen), torch.randint(0, 200, (1, 29), generator=gen)
     batch = torch.cat([torch.cat([torch.zeros(1, 9, dtype=torch.long), short], 1), long])
@@ -201,9 +193,9 @@ def decode_vs_scratch(model, ids, prompt: int):
                                   "dynamic_yarn+self-extend:group=2,window=4"])
 def test_consistent_dynamic_equals_recompute_from_scratch_each_step(rope):
     model = tiny_model(num_hidden_layers=1, max_position_embeddings=16)
-    apply_method(model, rope if "+" in rope else f"{rope}:consistent=true" if ":" not in rope
-                 else f"{rope},consistent=true")
-    assert "+" in rope or isinstance(model.attention_method, ConsistentDynamicAttention)
+    apply_extension(model, rope if "+" in rope else f"{rope}:consistent=true" if ":" not in rope
+                    else f"{rope},consistent=true")
+    assert "+" in rope or isinstance(model.attention.variant, ConsistentDynamic)
     ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(3))
     cached, scratch = decode_vs_scratch(model, ids, prompt=10)  # crosses 16: the base changes each step
     torch.testing.assert_close(cached, scratch, rtol=1e-5, atol=1e-5)
@@ -213,34 +205,29 @@ def test_transformers_dynamic_mode_keeps_stale_keys_issue_25104():
     """The transformers-compatible mode (plain dynamic rope type) differs from the recomputation
     once the cache crosses the trained length: cached keys keep their old rotation."""
     model = tiny_model(num_hidden_layers=1, max_position_embeddings=16)
-    apply_method(model, "dynamic:factor=2")
+    apply_extension(model, "dynamic:factor=2")
     ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(3))
     cached, scratch = decode_vs_scratch(model, ids, prompt=10)
     torch.testing.assert_close(cached[:7], scratch[:7], rtol=1e-5, atol=1e-5)  # within 16: identical
     assert (cached[-1] - scratch[-1]).abs().max() > 1e-3
 
 
-def test_consistent_dynamic_attention_uses_current_frequencies_for_every_key():
-    """Raw q/k/v: after a cached prefix, the step's output equals SDPA with all keys rotated at
-    the frequencies of the current length."""
+def test_consistent_dynamic_uses_current_frequencies_for_every_key():
+    """Raw q/k/v through the engine's cache: after a cached prefix, the step's output equals SDPA with
+    all keys rotated at the frequencies of the current length (the variant run from scratch)."""
     rope = rope_of("dynamic:factor=2", trained=8)
-    method = ConsistentDynamicAttention()
+    attention = VariantAttention(ConsistentDynamic())
     q, k, v = qkv(30, seed=4, dtype=torch.float32)
-    from ropekit.model.kv_cache import KVCache
+    from ropekit.model.attention import AttentionContext, build_mask
 
     cache = KVCache(1, B, HKV, D, 30)
     for a, b in [(0, 12), (12, 29), (29, 30)]:
         pos = torch.arange(a, b)
-        ctx = AttentionContext(positions=pos, key_positions=pos.expand(B, -1), rope=rope, method=method,
-                               cache=cache, past=a, is_causal=a == 0 and b > a + 1)
-        if a > 0 and b - a > 1:
-            from ropekit.model.attention import build_mask
-
-            ctx.mask, ctx.is_causal = build_mask(None, cache, a, b - a)
-        method.prepare(ctx)
-        out = method.attend(0, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], ctx)
-    inv_freq, factor = rope.frequencies(30)
-    ref = run_method(ConsistentDynamicAttention(), q, k, v, rope)  # from scratch at length 30
+        ctx = AttentionContext(positions=pos, key_positions=pos.expand(B, -1), rope=rope, attention=attention,
+                               cache=cache, past=a, mask=build_mask(None, cache, a, b - a))
+        attention.prepare(ctx)
+        out = attention.attend(0, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], ctx)
+    ref = run_variant(ConsistentDynamic(), q, k, v, rope)  # from scratch at length 30
     torch.testing.assert_close(out, ref[:, :, 29:], rtol=1e-5, atol=1e-5)
 
 
@@ -254,35 +241,88 @@ def test_consistent_dynamic_attention_uses_current_frequencies_for_every_key():
     ("rerope:window=512", None, "rerope"),
     ("leaky-rerope:window=512,k=16", None, "leaky-rerope"),
 ])
-def test_parse_method(spec, rope, attention):
-    m = parse_method(spec)
+def test_parse_extension(spec, rope, attention):
+    m = parse_extension(spec)
     assert (m.rope or {}).get("rope_type") == rope
     assert m.attention_name == attention
 
 
-@pytest.mark.parametrize("spec", ["", "bogus", "yarn:factor=2+linear:factor=2", "rerope+self-extend",
-                                  "yarn:factor=2,consistent=true", "self-extend:grp=4", "self-extend:group=0",
-                                  "leaky-rerope:k=1", "dynamic:factor=2,consistent=yes",
-                                  "dynamic:factor=2,consistent=true+rerope", "yarn:factor=-1"])
-def test_parse_method_rejects(spec):
-    with pytest.raises(ValueError):
-        parse_method(spec)
+@pytest.mark.parametrize(("spec", "message"), [
+    ("", "a spec must be"),
+    ("bogus", "unknown name 'bogus'; rope types: default"),
+    ("yarn:factor=2+linear:factor=2", "at most one rope type"),
+    ("rerope+self-extend", "at most one attention variant"),
+    ("yarn:factor=2,consistent=true", "consistent=true applies to dynamic"),
+    ("self-extend:grp=4", r"'self-extend' takes group, window, chunk; unknown \['grp'\]"),
+    ("self-extend:group=0", r"self-extend key 'group'=0 is out of range \[1"),
+    ("leaky-rerope:k=1", r"leaky-rerope key 'k'=1 is out of range \(1.0"),
+    ("dynamic:factor=2,consistent=maybe", "'consistent' must be true or false"),
+    ("dynamic:factor=2,consistent=true+rerope", "already cache-consistent"),
+    ("yarn:factor=-1", r"rope key 'factor'=-1 is out of range \[1.0"),
+    ("yarn:facter=2", "'yarn' takes factor"),
+    # these ran and returned uninitialised attention output (ReRoPE's was exactly 0.0)
+    ("self-extend:group=4,window=64,chunk=-1", r"self-extend key 'chunk'=-1 is out of range \[1"),
+    ("rerope:window=64,chunk=-3", r"rerope key 'chunk'=-3 is out of range \[1"),
+    ("rerope:window=64,logn=maybe", "'logn' must be true or false"),
+    ("yarn:factor=2,factor=3", "key 'factor' is given twice"),
+    ("yarn:factor=2,beta_fast=0", r"'beta_fast'=0 is out of range \(0.0"),
+    ("ntk:factor=1e308", None),  # valid (finite): parses, and fails nowhere silently
+    ("ntk:factor=1e400", "'factor' must be finite"),
+    ("yarn:factor=2+", "empty part"),
+])
+def test_parse_extension_rejects_with_a_message_naming_the_key(spec, message):
+    if message is None:
+        parse_extension(spec)
+        return
+    with pytest.raises(ValueError, match=message):
+        parse_extension(spec)
 
 
-def test_apply_method_resets_to_base_rope():
+@pytest.mark.parametrize(("text", "expected"), [("no", False), ("false", False), ("0", False), ("yes", True),
+                                                ("true", True), ("1", True)])
+def test_rerope_logn_flag_means_what_it_says(text, expected):
+    """``rerope:logn=no`` used to mean logn=True (any non-empty string was truthy)."""
+    assert parse_extension(f"rerope:window=8,logn={text}").variant().logn is expected
+
+
+def test_rope_part_is_validated_against_the_model_not_a_made_up_geometry():
+    """The rope part used to be checked against a fixed probe (head_dim 64, trained 8192): a valid longrope
+    spec for a head_dim-16 model was rejected, and key checks that need the model came too early."""
+    model = tiny_model(max_position_embeddings=32)  # head_dim 16: longrope lists of 8 factors
+    short, long = [1.0] * 8, [2.0] * 8
+    spec = parse_extension(f"longrope:short_factor={short},long_factor={long},original_max_position_embeddings=16")
+    apply_extension(model, spec)
+    assert model.config.rope.rope_type == "longrope" and model.config.rope.params.long_factor == tuple(long)
+    yarn = parse_extension("yarn:factor=2,original_max_position_embeddings=16384")
+    big = RopeConfig(head_dim=128, rope_theta=1e6, max_position_embeddings=32768)
+    assert yarn.rope_config(big).original_max_position_embeddings == 16384
+    wrong = parse_extension(f"longrope:short_factor={[1.0] * 4},long_factor={[1.0] * 4}")  # grammar is fine
+    with pytest.raises(ValueError, match="'short_factor' must have length 8"):
+        apply_extension(model, wrong)
+
+
+def test_apply_extension_resets_to_base_rope():
     model = tiny_model()
     base = model.config.rope
-    apply_method(model, "yarn:factor=2", base)
-    assert model.config.rope.rope_type == "yarn"
-    apply_method(model, "self-extend:group=2,window=4", base)
-    assert model.config.rope == base and isinstance(model.attention_method, SelfExtendAttention)
+    apply_extension(model, "yarn:factor=2", base)
+    assert model.config.rope.rope_type == "yarn" and isinstance(model.attention, RopeAttention)
+    apply_extension(model, "self-extend:group=2,window=4", base)
+    assert model.config.rope == base and isinstance(model.attention.variant, SelfExtend)
+
+
+def test_old_names_import_with_a_deprecation_warning():
+    import ropekit.model.extend as old
+
+    with pytest.warns(DeprecationWarning, match="parse_extension"):
+        assert old.parse_method is parse_extension
+    with pytest.warns(DeprecationWarning, match="SelfExtend"):
+        attention = old.SelfExtendAttention(group=2, window=4)
+    assert isinstance(attention.variant, SelfExtend) and attention.variant.group == 2
 
 
 @pytest.mark.parametrize("T,window,chunk", [(50, 7, 8), (33, 40, 16), (64, 1, 64)])
 def test_fast_prefill_path_equals_general_chunked_path(T, window, chunk):
     """The flash + log-sum-exp merge used for plain prefills equals the general masked path."""
-    from ropekit.model.extend.remap import fast_prefill_attention, merged_attention
-
     q, k, v = qkv(T, seed=5, dtype=torch.float32)
     q2, k2, _ = qkv(T, seed=6, dtype=torch.float32)
     pos = torch.arange(T).expand(B, T)
@@ -290,3 +330,34 @@ def test_fast_prefill_path_equals_general_chunked_path(T, window, chunk):
     general = merged_attention(q, k, q2, k2, v, pos, pos, window, mask=causal, chunk_size=chunk)
     torch.testing.assert_close(fast_prefill_attention(q, k, q2, k2, v, window, chunk), general,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_fast_prefill_path_never_takes_a_cuda_tensor(monkeypatch):
+    """The CPU flash op was called on any device, so Self-Extend / ReRoPE prefill on CUDA failed. Now the op
+    is looked up per device (None off the CPU), and where there is none the general path gives the answer."""
+    from ropekit.attention import remap
+
+    assert flash_with_lse(torch.device("cpu")) is not None
+    assert flash_with_lse(torch.device("cuda")) is None and flash_with_lse(torch.device("meta")) is None
+    q, k, v = qkv(40, seed=7, dtype=torch.float32)
+    q2, k2, _ = qkv(40, seed=8, dtype=torch.float32)
+    pos = torch.arange(40).expand(B, 40)
+    fast = merged_attention(q, k, q2, k2, v, pos, pos, 6, chunk_size=16)
+    asked = []
+    monkeypatch.setattr(remap, "flash_with_lse", lambda device: asked.append(device.type))  # as on CUDA
+    general = merged_attention(q, k, q2, k2, v, pos, pos, 6, chunk_size=16)
+    assert asked == ["cpu"]
+    torch.testing.assert_close(general, fast, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: needs CUDA")
+@pytest.mark.parametrize("spec", ["self-extend:group=3,window=6", "leaky-rerope:window=4,k=3",
+                                  "dynamic:factor=2,consistent=true"])
+def test_variants_on_cuda_equal_cpu(spec):
+    model = tiny_model(max_position_embeddings=16)
+    apply_extension(model, spec)
+    ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        cpu = model(ids)
+        gpu = model.to("cuda")(ids.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,84 @@
+"""What every attention variant shares: the two-step contract, causality by slot, grouped-query SDPA.
+
+A variant is the maths of one training-free context-extension method as functions over q, k, v
+and their positions, called in two steps so that a forward pass computes its rotation tables
+once and every layer reuses them:
+
+- ``tables = variant.tables(rope, q_pos, k_pos)``: ``rope`` is a ``RotaryEmbedding`` (its
+  frequencies at the current length), ``q_pos`` ``[B, T]`` and ``k_pos`` ``[B, S]`` long positions
+  of the queries and of every key attended to (``-1`` marks a padding key);
+- ``out = variant.attend(q, k, v, tables, mask=None, scale=None)``: q ``[B, H, T, D]``, k/v
+  ``[B, Hkv, S, D]`` **unrotated**, H a multiple of Hkv; ``mask`` ``[B, 1, T, S]`` bool (True = may
+  attend) or None for causality by slot (query t sits in slot ``S - T + t`` and sees slots up to
+  it); ``scale`` the softmax scale (default ``1/sqrt(D)``). Returns ``[B, H, T, D]``.
+
+Callers (ropekit's engine, the transformers adapter) cache keys unrotated and pass all of them:
+each is rotated on use, so prefill and cached decode agree exactly and length-dependent rope
+types use the current frequencies for every cached key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ropekit.rope import RotaryEmbedding
+
+
+class AttentionVariant:
+    """Base class of the attention variants (see the module docstring for the contract)."""
+
+    name = "variant"
+
+    def tables(self, rope: RotaryEmbedding, q_pos: torch.Tensor, k_pos: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: Any,
+               mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def current_length(q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
+    """The sequence length the frequencies are computed for: the largest position + 1."""
+    largest = int(q_pos.max()) if q_pos.numel() else 0
+    if k_pos.numel():
+        largest = max(largest, int(k_pos.max()))
+    return largest + 1
+
+
+def causal_by_slot(num_queries: int, num_keys: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``[T, S]`` bool: query t (in slot ``S - T + t``) may attend to key slots ``<=`` its own."""
+    past = num_keys - num_queries
+    slots = torch.arange(num_keys, device=device)
+    return slots[None, :] <= (past + torch.arange(num_queries, device=device))[:, None]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+         scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads and causality by slot.
+
+    q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]`` with H a multiple of Hkv; mask ``[B, 1, T, S]`` bool or
+    None (causal by slot: one query sees every key; T == S is the usual causal prefill).
+    """
+    B, H, T, D = q.shape
+    S, groups = k.shape[2], H // k.shape[1]
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    if mask is None and T == 1 and groups > 1:
+        # One query sees every key (decoding): fold each group's queries into one KV head's rows
+        # instead of copying K and V `groups` times (that copy grows with the cache, every step).
+        grouped = q.reshape(B, k.shape[1], groups * T, D)  # [B, H, 1, D] -> [B, Hkv, G, D]
+        return F.scaled_dot_product_attention(grouped, k, v, scale=scale).view(B, H, T, -1)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # [B, Hkv, S, D] -> [B, H, S, D]
+        v = v.repeat_interleave(groups, dim=1)
+    if mask is None and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if mask is None and T > 1:
+        mask = causal_by_slot(T, S, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -1,0 +1,39 @@
+"""Options every command shares, defined once: the model, threads, progress, the command line itself."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from ropekit.defaults import DEFAULT_MODEL
+
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"a .gguf file, an HF folder, or {DEFAULT_MODEL!r} (default: SmolLM2-135M-Instruct)")
+
+
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads from ``--threads`` (ValueError below 1)."""
+    if getattr(args, "threads", None) is None:
+        return
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
+def add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress output (a bar with ETA on a terminal, a line every 10 s in a log)")
+
+
+def command_line() -> str:
+    """The command as typed (for the report's 'reproduce with' line)."""
+    return "ropekit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
