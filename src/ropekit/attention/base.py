@@ -7,10 +7,12 @@ once and every layer reuses them:
 - ``tables = variant.tables(rope, q_pos, k_pos)``: ``rope`` is a ``RotaryEmbedding`` (its
   frequencies at the current length), ``q_pos`` ``[B, T]`` and ``k_pos`` ``[B, S]`` long positions
   of the queries and of every key attended to (``-1`` marks a padding key);
-- ``out = variant.attend(q, k, v, tables, mask=None, scale=None)``: q ``[B, H, T, D]``, k/v
-  ``[B, Hkv, S, D]`` **unrotated**, H a multiple of Hkv; ``mask`` ``[B, 1, T, S]`` bool (True = may
-  attend) or None for causality by slot (query t sits in slot ``S - T + t`` and sees slots up to
-  it); ``scale`` the softmax scale (default ``1/sqrt(D)``). Returns ``[B, H, T, D]``.
+- ``out = variant.attend(q, k, v, tables, mask=None, scale=None, softcap=None, layout="half")``:
+  q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]`` **unrotated**, H a multiple of Hkv; ``mask``
+  ``[B, 1, T, S]`` bool (True = may attend) or None for causality by slot (query t sits in slot
+  ``S - T + t`` and sees slots up to it); ``scale`` the softmax scale (default ``1/sqrt(D)``);
+  ``softcap`` caps the scores as ``c * tanh(s / c)`` before the softmax (Gemma 2); ``layout`` the
+  rotary pair layout of q and k ("half" or "interleaved"). Returns ``[B, H, T, D]``.
 
 Callers (ropekit's engine, the transformers adapter) cache keys unrotated and pass all of them:
 each is rotated on use, so prefill and cached decode agree exactly and length-dependent rope
@@ -19,6 +21,7 @@ types use the current frequencies for every cached key.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -36,7 +39,8 @@ class AttentionVariant:
         raise NotImplementedError
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: Any,
-               mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+               mask: torch.Tensor | None = None, scale: float | None = None, softcap: float | None = None,
+               layout: str = "half") -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -58,17 +62,41 @@ def causal_by_slot(num_queries: int, num_keys: int, device: torch.device | str |
     return slots[None, :] <= (past + torch.arange(num_queries, device=device))[:, None]
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float | None, softcap: float, chunk_size: int = 512) -> torch.Tensor:
+    """Attention whose scores are capped as ``c * tanh(s / c)`` before the softmax (Gemma 2), queries in
+    chunks (no ``T x S`` score matrix at once). Shapes as ``sdpa``; the softmax runs in float32."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = H // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = q.new_empty(B, H, T, v.shape[-1])
+    for a in range(0, T, chunk_size):
+        b = min(a + chunk_size, T)
+        C = b - a
+        scores = (q[:, :, a:b].reshape(B, Hkv, g * C, D) @ k.transpose(-1, -2)).view(B, Hkv, g, C, S).float()
+        scores = torch.tanh(scores * (scale / softcap)) * softcap
+        allowed = causal_by_slot(T, S, q.device)[a:b][None] if mask is None else mask[:, 0, a:b]  # [B|1, C, S]
+        scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0).to(v.dtype)  # all-masked rows -> zeros
+        out[:, :, a:b] = (probs.view(B, Hkv, g * C, S) @ v).view(B, H, C, -1)
+    return out
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-         scale: float | None = None) -> torch.Tensor:
+         scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads and causality by slot.
 
     q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]`` with H a multiple of Hkv; mask ``[B, 1, T, S]`` bool or
-    None (causal by slot: one query sees every key; T == S is the usual causal prefill).
+    None (causal by slot: one query sees every key; T == S is the usual causal prefill);
+    ``softcap``: scores capped as ``c * tanh(s / c)`` (then the capped path runs instead of SDPA).
     """
     B, H, T, D = q.shape
     S, groups = k.shape[2], H // k.shape[1]
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
+    if softcap:
+        return softcapped_attention(q, k, v, mask, scale, softcap)
     if mask is None and T == 1 and groups > 1:
         # One query sees every key (decoding): fold each group's queries into one KV head's rows
         # instead of copying K and V `groups` times (that copy grows with the cache, every step).

@@ -34,5 +34,7 @@ class ConsistentDynamic(AttentionVariant):
                                 k=rope_cos_sin(inv_freq, k_pos.clamp(min=0), factor))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: ConsistentTables,
-               mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-        return sdpa(apply_rotary(q, *tables.q), apply_rotary(k, *tables.k), v, mask, scale)
+               mask: torch.Tensor | None = None, scale: float | None = None, softcap: float | None = None,
+               layout: str = "half") -> torch.Tensor:
+        q, k = apply_rotary(q, *tables.q, layout=layout), apply_rotary(k, *tables.k, layout=layout)
+        return sdpa(q, k, v, mask, scale, softcap)

@@ -94,15 +94,16 @@ def fast_prefill_attention(q_near, k_near, q_far, k_far, v, window: int, chunk_s
 def merged_attention(q_near: torch.Tensor, k_near: torch.Tensor, q_far: torch.Tensor, k_far: torch.Tensor,
                      v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
                      mask: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """One softmax over near scores (``q_pos - k_pos < window``) and far scores (all other pairs).
 
     q_near/q_far ``[B, H, T, D]`` (rotated two ways), k_near/k_far/v ``[B, Hkv, S, D]``, H a multiple
     of Hkv (grouped-query heads, as ``repeat_interleave``). q_pos ``[B, T]``, k_pos ``[B, S]`` long.
     mask ``[B, 1, T, S]`` bool (True = may attend) or None for plain causality by slot (query t
-    sits in slot ``S - T + t``). Rows with no allowed key return zeros. Returns ``[B, H, T, D]``.
+    sits in slot ``S - T + t``). ``scale``: softmax scale (default 1/sqrt(D)); ``softcap``: scores
+    capped as ``c * tanh(s / c)`` (Gemma 2). Rows with no allowed key return zeros. Returns ``[B, H, T, D]``.
     """
-    if (q_near.dtype in _FLASH_DTYPES and flash_with_lse(q_near.device) is not None
+    if (not softcap and q_near.dtype in _FLASH_DTYPES and flash_with_lse(q_near.device) is not None
             and _is_plain_prefill(q_pos, k_pos, mask)):
         return fast_prefill_attention(q_near, k_near, q_far, k_far, v, window, chunk_size, scale)
     B, H, T, D = q_near.shape
@@ -129,7 +130,10 @@ def merged_attention(q_near: torch.Tensor, k_near: torch.Tensor, q_far: torch.Te
         if lo < kend:
             band = (qn @ k_near[:, :, lo:kend].transpose(-1, -2)).view(B, Hkv, g, C, kend - lo)
             scores[..., lo:] = torch.where(near[:, None, None, :, lo:], band, scores[..., lo:])
-        scores = scores.float().mul_(scale).masked_fill_(~allowed[:, None, None], float("-inf"))
+        scores = scores.float().mul_(scale)
+        if softcap:
+            scores = torch.tanh(scores / softcap).mul_(softcap)
+        scores = scores.masked_fill_(~allowed[:, None, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # all-masked rows -> zeros
         ctx = probs.to(v.dtype).view(B, Hkv, g * C, kend) @ v[:, :, :kend]  # [B, Hkv, g*C, Dv]
         out[:, :, a:b] = ctx.view(B, H, C, -1)
@@ -177,11 +181,15 @@ class RemappedVariant(AttentionVariant):
             k_far=rope_cos_sin(inv_freq, k_far, factor), q_scale=self.query_scale(q_pos, rope))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: RemapTables,
-               mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+               mask: torch.Tensor | None = None, scale: float | None = None, softcap: float | None = None,
+               layout: str = "half") -> torch.Tensor:
         """q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]`` unrotated -> ``[B, H, T, D]``."""
         if tables.q_scale is not None:
             q = q * tables.q_scale[:, None, :, None].to(q.dtype)
+
+        def rotate(x, table):
+            return apply_rotary(x, *table, layout=layout)
+
         return merged_attention(
-            apply_rotary(q, *tables.q_near), apply_rotary(k, *tables.k_near),
-            apply_rotary(q, *tables.q_far), apply_rotary(k, *tables.k_far), v,
-            tables.q_pos, tables.k_pos, self.window, mask, self.chunk_size, scale)
+            rotate(q, tables.q_near), rotate(k, tables.k_near), rotate(q, tables.q_far), rotate(k, tables.k_far), v,
+            tables.q_pos, tables.k_pos, self.window, mask, self.chunk_size, scale, softcap)
