@@ -37,3 +37,26 @@ def add_progress(parser: argparse.ArgumentParser) -> None:
 def command_line() -> str:
     """The command as typed (for the report's 'reproduce with' line)."""
     return "ropekit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def add_runtime(parser: argparse.ArgumentParser, *, backend: bool = True) -> None:
+    """``--backend``, ``--device``, ``--dtype``: what runs the model, where, in which precision."""
+    if backend:
+        parser.add_argument("--backend", choices=("ropekit", "transformers"), default="ropekit",
+                            help="ropekit's engine (default) or the model in Hugging Face transformers, patched by "
+                                 "ropekit.hf (needs the [hf] extra)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weights and activations (angles and cos/sin stay float32)")
+
+
+def check_runtime(args: argparse.Namespace) -> None:
+    """Validate ``--device`` (and that transformers is installed for ``--backend transformers``) before loading."""
+    from ropekit.loading import parse_device
+
+    parse_device(args.device)
+    if getattr(args, "backend", "ropekit") == "transformers":
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            raise ValueError("--backend transformers needs transformers: pip install 'ropekit[hf]'")

@@ -15,7 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-from ropekit.cli.common import add_model, add_progress, add_threads, apply_threads, command_line
+from ropekit.cli.common import (
+    add_model,
+    add_progress,
+    add_runtime,
+    add_threads,
+    apply_threads,
+    check_runtime,
+    command_line,
+)
 from ropekit.cli.eval import load, log
 
 # Methods at scale s (the target length is s x the trained length L); {s} is the factor, {w}
@@ -68,6 +76,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--passkey", action="store_true",
                    help="add the passkey check to the quick sweep (12,000 tokens, ~1 min per method)")
     p.add_argument("--no-passkey", action="store_true", help="skip the passkey grid (also with --full)")
+    add_runtime(p)
     add_threads(p)
     add_progress(p)
     p.set_defaults(func=run)
@@ -98,19 +107,20 @@ def wants_passkey(args) -> bool:
 def run(args) -> int:
     from ropekit.eval.report import passkey_table, perplexity_table, write_outputs
     from ropekit.eval.results import ResultStore
-    from ropekit.eval.sweep import Sweeper, check_methods, trained_length
+    from ropekit.eval.sweep import Sweeper, check_methods
     from ropekit.eval.text import encode_text, load_text, text_name, text_sha256
 
     if args.method:
         check_methods(args.method)
+    check_runtime(args)
     apply_threads(args)
     out = Path(args.out)
     store = ResultStore(out / "results.json")
     text = load_text(args.text)
     start = time.perf_counter()
-    model, tokenizer, identity = load(args)
-    tokens = encode_text(tokenizer, text)
-    trained = trained_length(model)
+    runner = load(args)
+    tokens = encode_text(runner.tokenizer, text)
+    trained = runner.trained_length
     cells, passkey = plan(args, trained)
     with_passkey = wants_passkey(args)
     print(f"loaded {args.model} (trained length {trained}) in {time.perf_counter() - start:.1f} s; "
@@ -118,7 +128,7 @@ def run(args) -> int:
                                              f", passkey {len(passkey['methods'])} methods x "
                                              f"{len(passkey['lengths'])} lengths x {len(passkey['depths'])} "
                                              f"depths x {passkey['trials']} trials"), file=sys.stderr)
-    sweeper = Sweeper(model, tokenizer, store, model_name=str(args.model), identity=identity,
+    sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),
                       show_progress=not args.no_progress, log=log)
     ppl = []
     for spec, length in cells:
@@ -127,7 +137,8 @@ def run(args) -> int:
     if with_passkey:
         keys = sweeper.passkey(passkey["methods"], passkey["lengths"], passkey["depths"],
                                trials=passkey["trials"], seed=0)
-    notes = [f"Model `{args.model}`, trained context {trained} tokens. Single-window perplexity: one window "
+    notes = [f"Model `{args.model}` on {args.backend} ({args.dtype}, {args.device}), trained context {trained} "
+             f"tokens. Single-window perplexity: one window "
              f"of the given length from the start of the text, every token scored. Total time "
              f"{time.perf_counter() - start:.0f} s."]
     files = write_outputs(out, ppl + keys, title="ropekit compare: context extension past the trained length",

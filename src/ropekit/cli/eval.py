@@ -12,7 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-from ropekit.cli.common import add_model, add_progress, add_threads, apply_threads, command_line
+from ropekit.cli.common import (
+    add_model,
+    add_progress,
+    add_runtime,
+    add_threads,
+    apply_threads,
+    check_runtime,
+    command_line,
+)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -24,6 +32,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", required=False,
                    help="comma-separated context lengths in tokens (default 4096,8192)")
     p.add_argument("--out", default=None, help="output folder (results.json, results.csv, plots, report.md)")
+    add_runtime(p)
     add_threads(p)
     add_progress(p)
 
@@ -62,21 +71,21 @@ def setup(args) -> tuple[list[str], list[int], Path]:
 
     methods = check_methods(args.method or ["none"])
     lengths = parse_int_list(args.lengths or args.lengths_default, "--lengths")
+    check_runtime(args)
     apply_threads(args)
     out = Path(args.out or f"ropekit-{args.eval_command}")
     return methods, lengths, out
 
 
 def load(args):
-    """``(model, tokenizer, identity)``: identity goes into every result's cell key."""
-    from ropekit.loading import load_model, model_identity
+    """The runner of ``--model`` on ``--backend`` / ``--device`` / ``--dtype`` (see ``ropekit.eval.runners``)."""
+    from ropekit.eval.runners import load_runner
 
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    identity = {"model_id": model_identity(args.model), "dtype": str(model.embed_tokens.weight.dtype).removeprefix(
-        "torch."), "device": model.embed_tokens.weight.device.type, "backend": "ropekit"}
-    print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return model, tokenizer, identity
+    runner = load_runner(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    print(f"loaded {args.model} ({args.backend}, {args.dtype}, {args.device}) in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
+    return runner
 
 
 def run_perplexity(args) -> int:
@@ -92,9 +101,9 @@ def run_perplexity(args) -> int:
         check_max_tokens(args.max_tokens)  # before loading the model
     store = ResultStore(out / "results.json")
     text = load_text(args.text)
-    model, tokenizer, identity = load(args)
-    tokens = encode_text(tokenizer, text)
-    sweeper = Sweeper(model, tokenizer, store, model_name=str(args.model), identity=identity,
+    runner = load(args)
+    tokens = encode_text(runner.tokenizer, text)
+    sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),
                       show_progress=not args.no_progress, log=log)
     records = sweeper.perplexity(tokens, methods, lengths, text=text_name(args.text), text_sha256=text_sha256(text),
                                  protocol=args.protocol, stride=args.stride, windows=args.windows,
@@ -115,8 +124,8 @@ def run_passkey(args) -> int:
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
     store = ResultStore(out / "results.json")
-    model, tokenizer, identity = load(args)
-    sweeper = Sweeper(model, tokenizer, store, model_name=str(args.model), identity=identity,
+    runner = load(args)
+    sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),
                       show_progress=not args.no_progress, log=log)
     records = sweeper.passkey(methods, lengths, depths, trials=args.trials, seed=args.seed)
     write_outputs(out, store.records, title="ropekit eval passkey", command=command_line())

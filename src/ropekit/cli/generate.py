@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ropekit.cli.common import add_model
+from ropekit.cli.common import add_model, add_runtime, check_runtime
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -15,6 +15,7 @@ def add_parsers(subparsers) -> None:
     gen = subparsers.add_parser("generate", help="generate text from a prompt (streams to stdout)")
     gen.add_argument("prompt", help="the text to continue (or the user message with --chat)")
     _add_model_args(gen)
+    add_runtime(gen)
     gen.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
@@ -31,6 +32,7 @@ def add_parsers(subparsers) -> None:
 
     info = subparsers.add_parser("info", help="print a model's architecture and rope parameters")
     _add_model_args(info)
+    add_runtime(info, backend=False)
     info.set_defaults(func=run_info)
 
 
@@ -42,7 +44,6 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--factor", type=float, default=None, metavar="F", help="rope scaling factor")
     parser.add_argument("--original-max-position-embeddings", type=int, default=None, metavar="L",
                         help="trained context length the rope method extends from")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
 
 
 def rope_spec(args: argparse.Namespace) -> str | None:
@@ -62,22 +63,30 @@ def rope_spec(args: argparse.Namespace) -> str | None:
 
 
 def _load(args: argparse.Namespace):
-    import torch
-
     from ropekit.loading import load_model
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    return load_model(args.model, rope=rope_spec(args), dtype=dtype)
+    return load_model(args.model, rope=rope_spec(args), dtype=args.dtype, device=args.device)
+
+
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from ropekit.extension import parse_extension
-    from ropekit.model.attention import apply_extension
-    from ropekit.model.generate import generate
 
     spec = parse_extension(args.method) if args.method else None  # bad specs fail before loading
     if spec is not None and args.rope is not None:
         raise ValueError("give either --method SPEC or --rope TYPE, not both")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_runtime(args)
+    if args.backend == "transformers":
+        return _generate_transformers(args, spec or (parse_extension(rope_spec(args)) if args.rope else None))
+    from ropekit.model.attention import apply_extension
+    from ropekit.model.generate import generate
+
     model, tokenizer = _load(args)
     if spec is not None:
         apply_extension(model, spec)
@@ -85,14 +94,60 @@ def run_generate(args: argparse.Namespace) -> int:
         path = "torch ops (--no-fast)" if args.no_fast else model.decode_path()
         print(f"ropekit generate: attention {model.attention.name}, rope {model.config.rope.describe()}; "
               f"decode steps: {path}", file=sys.stderr)
-
-    def write(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
     generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             seed=args.seed, top_k=args.top_k, top_p=args.top_p, stream=write, chat=args.chat,
+             seed=args.seed, top_k=args.top_k, top_p=args.top_p, stream=_write, chat=args.chat,
              fast=not args.no_fast)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _generate_transformers(args: argparse.Namespace, spec) -> int:
+    """The same generation in transformers (``ropekit.hf.patch`` for the spec), streamed the same way."""
+    import torch
+
+    from ropekit.eval.runners import load_transformers
+    from ropekit.hf import patch
+    from ropekit.loading import load_tokenizer, parse_device, parse_dtype
+    from ropekit.model.generate import TextStream, check_sampling, prepare_prompt
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    tokenizer = load_tokenizer(args.model)
+    model = load_transformers(args.model, dtype=parse_dtype(args.dtype), device=parse_device(args.device))
+    if spec is not None:
+        patch(model, spec)
+    if args.verbose:
+        print(f"ropekit generate: transformers {type(model).__name__}, attention implementation "
+              f"{model.config._attn_implementation}, spec {spec or 'the model own'}", file=sys.stderr)
+    ids = prepare_prompt(tokenizer, args.prompt, args.chat)
+    stop = tokenizer.stop_token_ids
+    stream = TextStream(tokenizer)
+
+    class Streamer:  # transformers' streamer protocol: put(token ids), end()
+        def __init__(self):
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            for token in value.reshape(-1).tolist():
+                if token not in stop and (piece := stream.push(int(token))):
+                    _write(piece)
+
+        def end(self):
+            if rest := stream.flush():
+                _write(rest)
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    sampling = {"do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        sampling.update(temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0)
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    with torch.inference_mode():
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
+                       eos_token_id=sorted(stop) or None, pad_token_id=tokenizer.pad_token_id or 0,
+                       streamer=Streamer(), **sampling)
     sys.stdout.write("\n")
     return 0
 
@@ -104,7 +159,7 @@ def run_info(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     rows = [
         ("model", str(args.model)),
-        ("parameters", f"{n_params / 1e6:.1f} M ({args.dtype})"),
+        ("parameters", f"{n_params / 1e6:.1f} M ({args.dtype}, {args.device})"),
         ("layers", cfg.num_hidden_layers),
         ("hidden size", cfg.hidden_size),
         ("heads (q / kv)", f"{cfg.num_attention_heads} / {cfg.num_key_value_heads}"),

@@ -62,7 +62,10 @@ def trial_keys(seed: int, length: int, depth: float, trials: int) -> list[int]:
 
 
 def greedy(model, ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS, on_prefill_layer=None) -> list[int]:
-    """Greedy continuation of ``ids`` through the engine's own generation loop (KV cache)."""
+    """Greedy continuation of ``ids`` with a KV cache: a runner's own (``ropekit.eval.runners``), or the
+    engine's generation loop for a ``LlamaModel``."""
+    if hasattr(model, "greedy"):
+        return model.greedy(ids, max_new_tokens, on_prefill_layer)
     return [int(t[0]) for t in generate_ids(model, [ids], max_new_tokens=max_new_tokens,
                                             on_prefill_layer=on_prefill_layer)]
 

@@ -144,12 +144,14 @@ def evaluate_perplexity(model, tokens: torch.Tensor, length: int, *, trained: in
     ``bucket`` positions, keyed by the bucket's first position), ``seconds``, ``peak_mem_mb``).
     ``progress`` advances by one per layer of each window."""
     plan = plan_windows(int(tokens.shape[0]), length, protocol, stride, windows)
+    nll_of = model.window_nll if hasattr(model, "window_nll") else lambda ids, on_layer: window_nll(
+        model, ids, on_layer=on_layer)  # a runner (ropekit.eval.runners) or a LlamaModel
     tally = NllTally(trained=trained, segment=segment, segment_by_text=protocol == "sliding", bucket=bucket)
     on_layer = (lambda i: progress.update(1)) if progress is not None else None
     start = time.perf_counter()
     with PeakMemory() as mem:
         for begin, end, first in plan:
-            nll = window_nll(model, tokens[begin:end], on_layer=on_layer)  # targets at positions 1..end-begin-1
+            nll = nll_of(tokens[begin:end], on_layer)  # targets at window positions 1..end-begin-1
             positions = torch.arange(1, end - begin)
             keep = positions >= first
             tally.add(nll[keep], positions[keep], begin + positions[keep])

@@ -17,15 +17,14 @@ import torch
 from ropekit.eval.passkey import evaluate_passkey
 from ropekit.eval.perplexity import evaluate_perplexity, plan_windows
 from ropekit.eval.results import ResultStore
+from ropekit.eval.runners import as_runner
 from ropekit.extension import parse_extension
-from ropekit.model.attention import apply_extension
 from ropekit.progress import Progress
 
 
 def trained_length(model) -> int:
     """The model's trained context length L (what "beyond the window" is measured from)."""
-    rope = model.config.rope
-    return int(rope.original_max_position_embeddings or model.config.max_position_embeddings)
+    return as_runner(model).trained_length
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
@@ -44,25 +43,26 @@ def check_max_tokens(max_tokens: int) -> None:
 
 
 class Sweeper:
-    """Runs cells on one loaded model, switching specs, storing each finished cell.
+    """Runs cells on one loaded model (a runner of ``ropekit.eval.runners``, or a ``LlamaModel``),
+    switching specs, storing each finished cell.
 
     ``identity`` holds what identifies the run besides the cell's own fields (``model_id``: the
-    model file's identity; ``dtype``, ``device``, ``backend``): it goes into every cell key.
+    model file's identity; ``dtype``, ``device``, ``backend``; default: the runner's): it goes into
+    every cell key.
     """
 
     def __init__(self, model, tokenizer, store: ResultStore, *, model_name: str,
                  identity: dict[str, Any] | None = None, show_progress: bool = True,
                  log: Callable[[str], None] = print):
-        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.runner = as_runner(model, tokenizer)
+        self.tokenizer, self.store = tokenizer, store
         self.model_name, self.show_progress, self.log = model_name, show_progress, log
-        self.identity = dict(identity or {})
-        self.base_rope = model.config.rope
-        self.trained = trained_length(model)
-        self.layers = model.config.num_hidden_layers
+        self.identity = dict(self.runner.identity if identity is None else identity)
+        self.trained = self.runner.trained_length
+        self.layers = self.runner.num_layers
 
     def _use(self, spec: str) -> dict:
-        applied = apply_extension(self.model, spec, self.base_rope)
-        return {"rope": self.model.config.rope.describe(), "attention": applied.attention_name}
+        return self.runner.use(spec)
 
     def _progress(self, total: int, desc: str) -> Progress:
         return Progress(total, desc, enabled=self.show_progress, unit="layers")
@@ -86,7 +86,7 @@ class Sweeper:
                 info = self._use(spec)
                 n_windows = len(plan_windows(int(tokens.shape[0]), int(length), protocol, stride, windows))
                 with self._progress(n_windows * self.layers, f"ppl {spec} @ {length}") as bar:
-                    metrics = evaluate_perplexity(self.model, tokens, int(length), trained=self.trained,
+                    metrics = evaluate_perplexity(self.runner, tokens, int(length), trained=self.trained,
                                                   protocol=protocol, stride=stride, windows=windows,
                                                   segment=segment, progress=bar)
                 done = {**cell, **info, "trained_length": self.trained, **metrics,
@@ -108,7 +108,7 @@ class Sweeper:
             if done is None:
                 info = self._use(spec)
                 with self._progress(trials * self.layers, f"passkey {spec} @ {length}, depth {depth:g}") as bar:
-                    metrics = evaluate_passkey(self.model, self.tokenizer, int(length), float(depth),
+                    metrics = evaluate_passkey(self.runner, self.tokenizer, int(length), float(depth),
                                                int(trials), int(seed), progress=bar)
                 done = {**cell, **info, "trained_length": self.trained, **metrics,
                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}

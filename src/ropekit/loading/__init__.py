@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from ropekit.defaults import DEFAULT_MODEL
 from ropekit.loading.default_model import ModelFetchError, is_model_name, resolve_model_name
-from ropekit.loading.gguf_file import read_gguf
+from ropekit.loading.gguf_file import open_gguf, read_gguf, read_metadata
 from ropekit.loading.hf_folder import read_hf_folder
 from ropekit.loading.tokenizer import Tokenizer
 from ropekit.model.arena import state_on_huge_pages
 from ropekit.model.llama import LlamaConfig, LlamaModel
 from ropekit.rope import RopeConfig
 
-__all__ = ["ModelFetchError", "Tokenizer", "load_model", "model_identity", "resolve_source"]
+__all__ = ["ModelFetchError", "Tokenizer", "load_model", "load_tokenizer", "model_identity", "parse_device",
+           "parse_dtype", "resolve_source"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -57,18 +60,55 @@ def model_identity(source: str | os.PathLike) -> str:
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
-def load_model(source: str | os.PathLike = "smollm2", *, rope: RopeConfig | Mapping | str | None = None,
-               dtype: torch.dtype = torch.float32) -> tuple[LlamaModel, Tokenizer]:
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or the dtype itself) -> the torch dtype; ValueError otherwise."""
+    if isinstance(name, torch.dtype) and name in _DTYPES:
+        return name
+    by_name = {str(d).removeprefix("torch."): d for d in _DTYPES}
+    if name not in by_name:
+        raise ValueError(f"dtype must be one of {', '.join(by_name)}, got {name!r}")
+    return by_name[name]
+
+
+def parse_device(name: str | torch.device | None) -> torch.device:
+    """A torch device that exists here (``cpu``, ``cuda``, ``cuda:1``, ...); ValueError naming it otherwise."""
+    try:
+        device = torch.device(name if name is not None else "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"device {name!r}: ropekit runs on cpu or cuda devices")
+    return device
+
+
+def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL) -> Tokenizer:
+    """The tokenizer of a model (GGUF metadata or an HF folder's tokenizer.json), without its weights."""
+    path = resolve_source(source)
+    if path.is_dir():
+        config = path / "config.json"
+        return Tokenizer.from_folder(path, json.loads(config.read_text()) if config.is_file() else {})
+    return Tokenizer.from_gguf_metadata(read_metadata(open_gguf(path)))
+
+
+def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, rope: RopeConfig | Mapping | str | None = None,
+               dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str | None = None) -> tuple[LlamaModel, Tokenizer]:
     """Load a LLaMA model and its tokenizer.
 
     source: a ``.gguf`` path, an HF folder (config.json, *.safetensors, tokenizer.json), or
     ``"smollm2"``. rope: overrides the file's rope settings (a ``RopeConfig``, an HF
     ``rope_parameters`` dict, or a spec string like ``"yarn:factor=2"``; dicts and strings keep
-    the model's base, head_dim and trained length). dtype: float32 (default) or bfloat16.
-    Returns ``(model, tokenizer)``, the model in eval mode.
+    the model's base, head_dim and trained length). dtype: float32 (default), bfloat16 or float16.
+    device: where the model runs (default cpu; e.g. "cuda"). Returns ``(model, tokenizer)``, the
+    model in eval mode.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
+    dtype = parse_dtype(dtype)
+    device = parse_device(device)
     path = resolve_source(source)
     if path.is_dir():
         config, state, hf = read_hf_folder(path)
@@ -78,11 +118,12 @@ def load_model(source: str | os.PathLike = "smollm2", *, rope: RopeConfig | Mapp
         tokenizer = Tokenizer.from_gguf_metadata(meta)
     if rope is not None:
         config = config.with_rope(config.rope.with_rope_type(rope))
-    return build_model(config, state, dtype), tokenizer
+    return build_model(config, state, dtype, device), tokenizer
 
 
-def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> LlamaModel:
-    """A ``LlamaModel`` holding ``state`` (our parameter names), in ``dtype``, eval mode."""
+def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device | None = None) -> LlamaModel:
+    """A ``LlamaModel`` holding ``state`` (our parameter names), in ``dtype`` on ``device``, eval mode."""
     with torch.device("meta"):
         model = LlamaModel(config)
     missing = set(model.state_dict()) - set(state)
@@ -93,10 +134,14 @@ def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], dtype: torc
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    # one huge-page buffer in the order the forward reads the weights (faster decoding, arena.py)
-    state = state_on_huge_pages({k: v.to(dtype) for k, v in state.items()}, order=list(model.state_dict()))
+    device = device or torch.device("cpu")
+    if device.type == "cpu":
+        # one huge-page buffer in the order the forward reads the weights (faster decoding, arena.py)
+        state = state_on_huge_pages({k: v.to(dtype) for k, v in state.items()}, order=list(model.state_dict()))
+    else:
+        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rope = type(model.rope)(config.rope)  # rebuilt off the meta device
+    model.rope = type(model.rope)(config.rope, device=device)  # rebuilt off the meta device
     return model.eval()

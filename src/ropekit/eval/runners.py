@@ -1,0 +1,193 @@
+"""What the lab runs a protocol on: ropekit's engine or a transformers model, behind one small interface.
+
+A runner holds a loaded model and its tokenizer and offers what the protocols need:
+
+- ``use(spec) -> dict``: switch to an extension spec (from the model's own rope each time) and
+  describe it (``{"rope": ..., "attention": ...}``);
+- ``window_nll(ids, on_layer) -> [T-1]``: the NLL of each token of one window, one forward;
+- ``greedy(ids, max_new_tokens, on_prefill_layer) -> list[int]``: greedy continuation with a cache;
+- ``trained_length``, ``num_layers``, ``identity`` (what goes into every result's cell key:
+  model file identity, dtype, device, backend).
+
+``EngineRunner`` drives ``ropekit.model`` (specs through ``apply_extension``);
+``TransformersRunner`` drives a model loaded with ``AutoModelForCausalLM.from_pretrained`` (specs
+through ``ropekit.hf.patch``). Both tokenize with ropekit's tokenizer of the same file, so the
+same text gives the same tokens on both backends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ropekit.eval.perplexity import LOGIT_CHUNK, window_nll
+from ropekit.model.attention import apply_extension
+from ropekit.model.generate import generate_ids
+from ropekit.rope import RopeConfig
+
+BACKENDS = ("ropekit", "transformers")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class EngineRunner:
+    """ropekit's own engine (``LlamaModel``)."""
+
+    backend = "ropekit"
+
+    def __init__(self, model, tokenizer=None, model_id: str | None = None):
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.base_rope: RopeConfig = model.config.rope
+        self.num_layers = model.config.num_hidden_layers
+        rope = self.base_rope
+        self.trained_length = int(rope.original_max_position_embeddings or model.config.max_position_embeddings)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        weight = self.model.embed_tokens.weight
+        return {"model_id": self.model_id, "dtype": _dtype_name(weight.dtype), "device": weight.device.type,
+                "backend": self.backend}
+
+    def use(self, spec: str) -> dict:
+        applied = apply_extension(self.model, spec, self.base_rope)
+        return {"rope": self.model.config.rope.describe(), "attention": applied.attention_name}
+
+    def window_nll(self, ids: torch.Tensor, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        return window_nll(self.model, ids, on_layer=on_layer)
+
+    def greedy(self, ids: list[int], max_new_tokens: int, on_prefill_layer=None) -> list[int]:
+        return [int(t[0]) for t in generate_ids(self.model, [ids], max_new_tokens=max_new_tokens,
+                                                on_prefill_layer=on_prefill_layer)]
+
+
+class TransformersRunner:
+    """A transformers causal LM, patched in place by ``ropekit.hf.patch`` for each spec."""
+
+    backend = "transformers"
+
+    def __init__(self, model, tokenizer=None, model_id: str | None = None):
+        from ropekit.hf import patch, unpatch
+
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self._patch, self._unpatch = patch, unpatch
+        self.base_rope = RopeConfig.from_hf(model.config)
+        self.num_layers = model.config.num_hidden_layers
+        max_len = getattr(model.config, "max_position_embeddings", None)
+        self.trained_length = int(self.base_rope.original_max_position_embeddings or max_len)
+        self._layers = _decoder_layers(model)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        weight = next(self.model.parameters())
+        return {"model_id": self.model_id, "dtype": _dtype_name(weight.dtype), "device": weight.device.type,
+                "backend": self.backend}
+
+    def use(self, spec: str) -> dict:
+        self._patch(self.model, spec)
+        from ropekit.hf import patched_spec
+
+        applied = patched_spec(self.model)
+        return {"rope": applied.rope_config(self.base_rope).describe(), "attention": applied.attention_name}
+
+    def _with_progress(self, on_layer):
+        """Forward hooks on the decoder layers calling ``on_layer(i)`` (removed by the caller)."""
+        if on_layer is None:
+            return []
+        return [layer.register_forward_hook(lambda *_, i=i: on_layer(i)) for i, layer in enumerate(self._layers)]
+
+    @torch.inference_mode()
+    def window_nll(self, ids: torch.Tensor, on_layer: Callable[[int], None] | None = None,
+                   logit_chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        ids = ids.reshape(1, -1).to(device)
+        hooks = self._with_progress(on_layer)
+        try:
+            base = getattr(self.model, self.model.base_model_prefix)
+            hidden = base(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # [T-1, C], final norm applied
+        finally:
+            for hook in hooks:
+                hook.remove()
+        head = self.model.get_output_embeddings()
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        targets = ids[0, 1:]
+        out = torch.empty(targets.shape[0], dtype=torch.float64)
+        for a in range(0, targets.shape[0], logit_chunk):
+            logits = head(hidden[a:a + logit_chunk]).float()  # [chunk, V]
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            nll = F.cross_entropy(logits, targets[a:a + logit_chunk], reduction="none")
+            out[a:a + logit_chunk] = nll.double().cpu()
+        return out
+
+    @torch.inference_mode()
+    def greedy(self, ids: list[int], max_new_tokens: int, on_prefill_layer=None) -> list[int]:
+        device = next(self.model.parameters()).device
+        x = torch.tensor([ids], device=device)
+        counted = []
+
+        def prefill_only(i):  # the hooks fire on every step; progress counts the prompt's pass
+            if len(counted) < self.num_layers:
+                counted.append(i)
+                on_prefill_layer(i)
+
+        hooks = self._with_progress(prefill_only if on_prefill_layer is not None else None)
+        try:
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                      min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out[0, len(ids):].tolist()
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    base = getattr(model, model.base_model_prefix, model)
+    layers = getattr(base, "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def as_runner(model_or_runner, tokenizer=None):
+    """A runner for ``model_or_runner``: a runner itself, a ropekit ``LlamaModel`` or a transformers model."""
+    if hasattr(model_or_runner, "window_nll") and hasattr(model_or_runner, "use"):
+        return model_or_runner
+    if hasattr(model_or_runner, "attention_context"):
+        return EngineRunner(model_or_runner, tokenizer)
+    return TransformersRunner(model_or_runner, tokenizer)
+
+
+def load_transformers(source: str | os.PathLike, *, dtype: torch.dtype, device: torch.device):
+    """``AutoModelForCausalLM.from_pretrained`` on a GGUF file (``gguf_file=``) or an HF folder, eval mode."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    from ropekit.loading import resolve_source
+
+    path = Path(resolve_source(source))
+    logging.set_verbosity_error()  # transformers' own GGUF conversion bar and notices
+    if path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_runner(source: str | os.PathLike, *, backend: str = "ropekit", dtype: torch.dtype | str = torch.float32,
+                device: torch.device | str | None = None):
+    """Load ``source`` on ``backend`` (``"ropekit"`` or ``"transformers"``) as a runner with its tokenizer."""
+    from ropekit.loading import load_model, load_tokenizer, model_identity, parse_device, parse_dtype
+
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    dtype, device = parse_dtype(dtype), parse_device(device)
+    model_id = model_identity(source)
+    if backend == "ropekit":
+        model, tokenizer = load_model(source, dtype=dtype, device=device)
+        return EngineRunner(model, tokenizer, model_id)
+    return TransformersRunner(load_transformers(source, dtype=dtype, device=device), load_tokenizer(source), model_id)
