@@ -296,7 +296,47 @@ def test_cli_compare_runs_end_to_end(tiny_folder, tmp_path, monkeypatch, flags, 
     assert (out / "passkey.png").exists() == (passkey_cells > 0)
 
 
+def test_cli_backends_agree_and_records_say_which_ran(tiny_folder, tmp_path):
+    """The same folder on ropekit's engine and in transformers (patched by ropekit.hf): the same perplexity
+    for plain RoPE, YaRN and Self-Extend; the records differ only by backend, so both are kept."""
+    from ropekit.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged. " * 20)
+    out = tmp_path / "both"
+    methods = ["none", "yarn:factor=2", "self-extend:group=2,window=16"]
+    for backend in ("ropekit", "transformers"):
+        argv = ["eval", "perplexity", "--model", str(tiny_folder), "--text", str(text), "--lengths", "96",
+                "--out", str(out), "--no-progress", "--backend", backend]
+        assert main(argv + [arg for m in methods for arg in ("--method", m)]) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert len(records) == 6
+    by = {(r["backend"], r["method"]): r for r in records}
+    for method in methods:
+        ours, theirs = by["ropekit", method], by["transformers", method]
+        assert (ours["dtype"], ours["device"]) == (theirs["dtype"], theirs["device"]) == ("float32", "cpu")
+        assert ours["model_id"] == theirs["model_id"] and ours["model_id"].startswith("sha256:")
+        assert theirs["ppl"] == pytest.approx(ours["ppl"], rel=1e-5)
+        assert theirs["ppl_beyond"] == pytest.approx(ours["ppl_beyond"], rel=1e-5)
+    assert main(["eval", "passkey", "--model", str(tiny_folder), "--lengths", "300", "--depths", "0.5",
+                 "--trials", "1", "--method", "self-extend:group=2,window=16", "--backend", "transformers",
+                 "--out", str(tmp_path / "keys"), "--no-progress"]) == 0
+
+
+def test_cli_generate_is_the_same_on_both_backends(tiny_folder, capsys):
+    from ropekit.cli import main
+
+    outputs = []
+    for backend in ("ropekit", "transformers"):
+        assert main(["generate", "It is a truth", "--model", str(tiny_folder), "--max-new-tokens", "12",
+                     "--method", "self-extend:group=2,window=4", "--backend", backend]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 1
+
+
 @pytest.mark.parametrize("argv", [
+    ["eval", "perplexity", "--device", "cuda:7"],
+    ["eval", "perplexity", "--device", "tpu"],
     ["eval", "perplexity", "--method", "bogus"],
     ["eval", "perplexity", "--lengths", "abc"],
     ["eval", "perplexity", "--max-tokens", "1"],
