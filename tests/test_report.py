@@ -1,0 +1,310 @@
+"""Report plots: the per-position data functions, the panel choice, styles, and that every plot writes a PNG."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ropekit.eval import report
+
+TRAINED = 8192
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "results.json"
+
+
+def difficulty(i: float) -> float:
+    """How hard the text is at text index ``i`` (nats added to every run's loss there)."""
+    return 0.25 * math.sin(2 * math.pi * i / 6000)
+
+
+def make_record(method: str, length: int, nll, *, protocol: str = "single", stride: int | None = None,
+                trained: int = TRAINED, bucket: int = 256, segment: int = 4096, text_tokens: int | None = None,
+                buckets: bool = True) -> dict:
+    """A perplexity record whose token at window position p / text index i has NLL ``nll(p, i)`` (nats).
+
+    single: one window of ``length`` tokens from the start (p == i), keyed by window position; sliding: over
+    ``text_tokens`` tokens, window position taken as ``min(i, length - 1)``, keyed by text index. Every 8th
+    token is evaluated and stands for 8."""
+    sliding = protocol == "sliding"
+    n = (text_tokens or length) if sliding else length
+    tally = {"all": [0.0, 0], "in": [0.0, 0], "beyond": [0.0, 0], "text_beyond": [0.0, 0]}
+    per_bucket: dict[int, list[float]] = {}
+    per_segment: dict[int, list[float]] = {}
+    for i in range(1, n, 8):  # every 8th token, weighted 8
+        p = min(i, length - 1) if sliding else i
+        v = nll(p, i)
+        for key, hit in (("all", True), ("in", p < trained), ("beyond", p >= trained), ("text_beyond", i >= trained)):
+            if hit:
+                tally[key][0] += 8 * v
+                tally[key][1] += 8
+        where = i if sliding else p
+        for size, table in ((bucket, per_bucket), (segment, per_segment)):
+            acc = table.setdefault(where // size, [0.0, 0])
+            acc[0] += 8 * v
+            acc[1] += 8
+
+    def ppl(acc):
+        return math.exp(acc[0] / acc[1]) if acc[1] else None
+
+    r = {"task": "perplexity", "method": method, "length": length, "protocol": protocol, "stride": stride,
+         "windows": 1, "trained_length": trained, "text": "synthetic.txt", "ppl": ppl(tally["all"]),
+         "ppl_in_window": ppl(tally["in"]), "ppl_beyond": ppl(tally["beyond"]),
+         "ppl_text_beyond": ppl(tally["text_beyond"]), "segments_by": "text" if sliding else "window",
+         "tokens_scored": n - 1, "seconds": 1.0, "peak_mem_mb": 10.0,
+         "segments": [{"start": s * segment, "end": (s + 1) * segment, "ppl": ppl(acc), "tokens": int(acc[1])}
+                      for s, acc in sorted(per_segment.items())]}
+    if buckets:
+        r["bucket"] = bucket
+        r["bucket_nll"] = {str(b * bucket): round(acc[0] / acc[1], 6) for b, acc in sorted(per_bucket.items())}
+    return r
+
+
+def none_nll(p, i):
+    return 3.0 + difficulty(i) + (1.0 if p < 256 else 0.0) + (0.0 if p < TRAINED else min(4.0, (p - TRAINED) / 2000))
+
+
+def flat(offset):
+    return lambda p, i: 3.0 + offset + difficulty(i) + (1.0 if p < 256 else 0.0)
+
+
+def synthetic_records(*, lengths=(32768,), reference=True, buckets=True) -> list[dict]:
+    """none breaking after the trained length, yarn / self-extend flat, linear interpolation uniformly worse
+    (breaking by the working rule), and optionally the same-token reference (sliding, window = trained)."""
+    records = []
+    for length in lengths:
+        records += [make_record("none", length, none_nll, buckets=buckets),
+                    make_record("yarn:factor=4", length, flat(0.08), buckets=buckets),
+                    make_record("self-extend:group=8,window=1024", length, flat(0.03), buckets=buckets),
+                    make_record("linear:factor=4", length, flat(0.9), buckets=buckets)]
+    if reference:
+        records.append(make_record("none", TRAINED, lambda p, i: 3.0 + difficulty(i) + (1.0 if i < 256 else 0.0),
+                                   protocol="sliding", stride=4096, text_tokens=max(lengths), buckets=buckets))
+    return records
+
+
+def old_results() -> list[dict]:
+    return [r for r in json.loads(RESULTS.read_text()) if r.get("task") == "perplexity"]
+
+
+def is_png(path) -> bool:
+    path = Path(path)
+    return path.exists() and path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- smoothing and per-position data -------------------------------------------------------------------------
+
+def test_smooth_is_a_centred_moving_average_shrinking_at_the_ends():
+    assert report.smooth([0, 0, 9, 0, 0], 3) == [0, 3, 3, 3, 0]
+    assert report.smooth([1, 2, 3, 4, 5], 5) == [2, 2.5, 3, 3.5, 4]
+    assert report.smooth([4.0, 4.0, 4.0], 5) == [4.0, 4.0, 4.0]
+    assert report.smooth([1, 5], 1) == [1, 5]
+    with pytest.raises(ValueError):
+        report.smooth([1, 2, 3], 4)
+
+
+def test_position_series_reads_buckets_in_numeric_order():
+    r = {"protocol": "single", "bucket": 256, "bucket_nll": {"1024": 4.0, "256": 2.0, "0": 1.0, "512": 3.0, "768": 3.5}}
+    s = report.position_series(r)
+    assert s.starts == (0, 256, 512, 768, 1024) and s.nll == (1.0, 2.0, 3.0, 3.5, 4.0)
+    assert s.width == 256 and s.by == "window" and s.source == "buckets" and s.smoothed
+    assert s.centres == [128, 384, 640, 896, 1152]
+    assert report.display_nll(s, 3) == pytest.approx([1.5, 2.0, 17 / 6, 3.5, 3.75])
+
+
+def test_old_records_fall_back_to_segments_as_log_ppl():
+    r = {"protocol": "sliding", "segments": [{"start": 4096, "end": 8192, "ppl": math.e ** 2, "tokens": 4096},
+                                             {"start": 0, "end": 4096, "ppl": math.e, "tokens": 4095}]}
+    s = report.position_series(r)
+    assert s.source == "segments" and s.by == "text" and s.width == 4096 and not s.smoothed
+    assert s.starts == (0, 4096) and s.nll == pytest.approx((1.0, 2.0)) and s.tokens == (4095, 4096)
+    assert report.display_nll(s) == pytest.approx([1.0, 2.0])  # coarse segments are not smoothed
+    assert report.position_series({"protocol": "single"}) is None
+    assert report.position_series({"protocol": "single", "segments": []}) is None
+
+
+def test_rebin_weights_by_tokens_when_known():
+    s = report.PositionSeries((0, 256, 512, 768), 256, (1.0, 2.0, 3.0, 5.0), (100, 300, 256, 256))
+    pooled = report.rebin(s, 512)
+    assert pooled.starts == (0, 512) and pooled.width == 512 and pooled.tokens == (400, 512)
+    assert pooled.nll == pytest.approx((1.75, 4.0))
+    plain = report.rebin(report.PositionSeries((0, 256), 256, (1.0, 2.0)), 512)
+    assert plain.nll == pytest.approx((1.5,))
+    with pytest.raises(ValueError):
+        report.rebin(s, 300)
+
+
+# --- reference, working rule, ratios ------------------------------------------------------------------------
+
+def test_reference_is_the_sliding_run_with_windows_of_the_trained_length():
+    records = synthetic_records()
+    ref = report.find_reference(records, TRAINED)
+    assert ref["protocol"] == "sliding" and ref["length"] == TRAINED
+    assert report.find_reference(records, 4096) is None  # no sliding run of that window
+    assert report.find_reference(records[:-1], TRAINED) is None
+    assert report.find_reference(records, None) is None
+    other = make_record("yarn:factor=4", TRAINED, flat(0.0), protocol="sliding", stride=4096, text_tokens=16384)
+    assert report.find_reference([ref, other], TRAINED) is ref  # the unscaled model's run preferred
+    wider = make_record("none", 16384, flat(0.0), protocol="sliding", stride=4096, text_tokens=16384)
+    assert report.find_reference([wider], TRAINED) is None
+
+
+def test_reference_ppl_is_the_unscaled_in_window_ppl_then_the_sliding_reference():
+    records = synthetic_records()
+    none = records[0]
+    assert report.reference_ppl(records, TRAINED) == none["ppl_in_window"]
+    without_none = [r for r in records if not (r["method"] == "none" and r["protocol"] == "single")]
+    assert report.reference_ppl(without_none, TRAINED) == records[-1]["ppl"]
+    only_methods = without_none[:-1]
+    assert report.reference_ppl(only_methods, TRAINED) == min(r["ppl_in_window"] for r in only_methods)
+
+
+def test_working_rule_is_ppl_beyond_below_twice_the_reference():
+    assert report.is_working({"ppl_beyond": 39.9, "ppl": 30.0}, 20.0)
+    assert not report.is_working({"ppl_beyond": 40.0, "ppl": 30.0}, 20.0)
+    assert report.is_working({"ppl_beyond": None, "ppl": 21.0}, 20.0)  # no token past the trained length
+    assert not report.is_working({"ppl_beyond": None, "ppl": 45.0}, 20.0)
+    assert report.is_working({"ppl_beyond": 1e6}, None)
+    labels = report.working_labels(synthetic_records(), TRAINED)
+    assert labels == {"yarn:factor=4", "self-extend:group=8,window=1024", "none (sliding 8192/4096)"}
+
+
+def test_ratio_to_the_same_token_reference_cancels_the_text():
+    records = synthetic_records()
+    ref = report.position_series(records[-1])
+    x, ratio = report.ratio_to_reference(report.position_series(records[1]), ref)
+    assert len(x) == 128 and x[0] == 128
+    assert ratio == pytest.approx([math.exp(0.08)] * 128, rel=1e-4)  # yarn's constant 0.08 nats, text cancelled
+    # a reference with coarse segments: both pooled to 4096 tokens
+    coarse = report.position_series({**records[-1], "bucket_nll": None})
+    x, ratio = report.ratio_to_reference(report.position_series(records[1]), coarse)
+    assert x == [2048 + 4096 * k for k in range(8)] and ratio == pytest.approx([math.exp(0.08)] * 8, rel=1e-3)
+
+
+def test_ratio_to_a_constant_reference():
+    s = report.PositionSeries((0, 256, 512), 256, (math.log(20), math.log(30), math.log(40)))
+    x, ratio = report.ratio_to_reference(s, None, 20.0, k=1)
+    assert x == [128, 384, 640] and ratio == pytest.approx([1.0, 1.5, 2.0])
+    with pytest.raises(ValueError):
+        report.ratio_to_reference(s)
+
+
+def test_ratio_panel_leaves_out_the_breaking_runs():
+    panel = report.ratio_panel(synthetic_records(), TRAINED)
+    assert panel.reference == "none (sliding 8192/4096)" and panel.reference_ppl is None
+    assert set(panel.curves) == {"yarn:factor=4", "self-extend:group=8,window=1024"}
+    assert panel.left_out == ["none", "linear:factor=4"]
+    constant = report.ratio_panel(synthetic_records(reference=False), TRAINED)
+    assert constant.reference is None and constant.reference_ppl == synthetic_records()[0]["ppl_in_window"]
+    assert set(constant.curves) == {"yarn:factor=4", "self-extend:group=8,window=1024"}
+    several = [{**r, "windows": 2} if r["method"] == "yarn:factor=4" else r for r in synthetic_records()]
+    assert report.ratio_panel(several, TRAINED).unaligned == ["yarn:factor=4"]
+    no_reference = [r for r in synthetic_records(reference=False) if r["method"] != "none"]
+    assert report.ratio_panel(no_reference, TRAINED) is None
+
+
+def test_longest_runs_take_the_longest_window_with_data():
+    records = synthetic_records(lengths=(16384, 32768))
+    runs = report.longest_runs(records)
+    assert runs["none"]["length"] == 32768 and runs["none (sliding 8192/4096)"]["length"] == TRAINED
+    old = [{**records[4], "bucket_nll": None, "segments": []}] + records[:4]  # the 32K none without data
+    assert report.longest_runs(old, with_positions=True)["none"]["length"] == 16384
+
+
+# --- axes, panels, styles ------------------------------------------------------------------------------------
+
+def test_axis_top_follows_the_working_runs_and_the_breaking_one_is_off_scale():
+    curves = {"none": [3.0, 3.1, 7.0], "yarn": [3.0, 3.2, 3.3], "se": [2.9, 3.0, 3.1]}
+    bottom, top = report.axis_limits(curves, {"yarn", "se"})
+    assert top == pytest.approx(1.5 * 3.3) and 0 < bottom < 2.9
+    assert report.axis_limits(curves, set())[1] == pytest.approx(1.5 * 7.0)
+    assert report.off_scale([1, 2, 3], curves["none"], top) == (3, 7.0)
+    assert report.off_scale([1, 2, 3], curves["yarn"], top) is None
+
+
+def test_styles_are_unique_for_25_methods_and_colours_for_the_first_20():
+    labels = [f"method-{i}" for i in range(25)]
+    styles = report.series_styles(labels)
+    assert len(styles) == 25
+    assert len({(s.color, s.marker, s.linestyle) for s in styles.values()}) == 25
+    assert len({styles[label].color for label in labels[:20]}) == 20
+    assert len(set(report.PALETTE)) >= 20 and report.REFERENCE_STYLE.color not in report.PALETTE
+    assert report.series_styles(labels) == styles  # the same labels, the same styles
+    assert report.series_styles(["a", "b", "a"]) == report.series_styles(["a", "b"])
+
+
+def test_panels_for_one_length_and_for_several():
+    assert report.choose_panels(synthetic_records(), TRAINED) == ["position", "ratio"]
+    assert report.choose_panels(synthetic_records(lengths=(16384, 32768)), TRAINED) == ["position", "ratio", "length"]
+    assert report.choose_panels(synthetic_records(reference=False), TRAINED) == ["position", "ratio"]
+    bare = [{k: v for k, v in r.items() if k not in ("segments", "bucket_nll")} for r in synthetic_records()]
+    assert report.choose_panels(bare, TRAINED) == ["summary"]
+    bare_two = [{k: v for k, v in r.items() if k not in ("segments", "bucket_nll")}
+                for r in synthetic_records(lengths=(16384, 32768))]
+    assert report.choose_panels(bare_two, TRAINED) == ["length"]
+    broken = [r for r in synthetic_records(reference=False) if r["method"] in ("none", "linear:factor=4")]
+    assert report.choose_panels(broken, TRAINED) == ["position"]  # nothing working to set against the reference
+
+
+def test_committed_results_use_segments_and_the_old_sliding_reference():
+    records = old_results()
+    assert all("bucket_nll" not in r for r in records) and len({report.series_label(r) for r in records}) >= 18
+    assert report.choose_panels(records, TRAINED) == ["position", "ratio", "length"]
+    runs = report.longest_runs(records, with_positions=True)
+    assert all(report.position_series(r).source == "segments" for r in runs.values())
+    panel = report.ratio_panel(records, TRAINED)
+    assert panel.reference == "none (sliding 8192/4096)"
+    assert "none" in panel.left_out and "linear:factor=2" in panel.left_out
+    assert "yarn:factor=4" in panel.curves and "none" not in panel.curves
+
+
+# --- the plots write PNGs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["single-length", "multi-length", "sliding-reference", "constant-reference",
+                                  "old-records", "no-positions"])
+def test_plot_perplexity_writes_a_png(tmp_path, kind):
+    records = {
+        "single-length": lambda: synthetic_records(reference=False, buckets=True)[:3],
+        "multi-length": lambda: synthetic_records(lengths=(16384, 32768)),
+        "sliding-reference": synthetic_records,
+        "constant-reference": lambda: synthetic_records(reference=False),
+        "old-records": old_results,
+        "no-positions": lambda: synthetic_records(reference=False, buckets=False),
+    }[kind]()
+    if kind == "no-positions":
+        records = [{**r, "segments": []} for r in records]
+    path = tmp_path / "perplexity.png"
+    report.plot_perplexity(records, path, TRAINED)
+    assert is_png(path)
+
+
+def test_plot_perplexity_without_records_raises(tmp_path):
+    with pytest.raises(ValueError):
+        report.plot_perplexity([], tmp_path / "p.png")
+
+
+def passkey_records() -> list[dict]:
+    return [{"task": "passkey", "method": m, "length": n, "depth": d, "correct": c, "trials": 2,
+             "accuracy": c / 2} for m, c in (("none", 0), ("yarn:factor=4", 2)) for n in (8000, 16000)
+            for d in (0.1, 0.5, 0.9)]
+
+
+def test_plot_passkey_writes_a_png(tmp_path):
+    path = tmp_path / "passkey.png"
+    report.plot_passkey(passkey_records(), path)
+    assert is_png(path)
+
+
+def test_write_outputs_shares_one_style_per_method(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(report, "plot_perplexity", lambda records, path, trained, *, styles: seen.update(ppl=styles))
+    monkeypatch.setattr(report, "plot_passkey", lambda records, path, *, styles: seen.update(keys=styles))
+    report.write_outputs(tmp_path, synthetic_records() + passkey_records())
+    assert seen["ppl"] is seen["keys"]
+    assert seen["ppl"]["yarn:factor=4"] != seen["ppl"]["none"]
+    assert set(seen["ppl"]) >= {"none", "yarn:factor=4", "none (sliding 8192/4096)"}
+
+
+def test_write_outputs_writes_both_plots(tmp_path):
+    files = report.write_outputs(tmp_path, synthetic_records() + passkey_records())
+    assert is_png(files["perplexity_plot"]) and is_png(files["passkey_plot"])
+    assert "![perplexity](perplexity.png)" in files["report"].read_text()
