@@ -132,11 +132,14 @@ def test_kernels_reject_bad_arguments():
         ext.gemv([w.t()], torch.randn(4), torch.empty(8), False, None, 1e-5)
     cache = torch.zeros(2, 3, 4)  # [Hkv, S_max, D]: slots 0..2
     with pytest.raises(RuntimeError, match="outside the cache"):
-        ext.decode_attention(torch.randn(8), torch.randn(8), torch.randn(8), cache, cache.clone(), 3,
+        ext.decode_attention(torch.randn(8), torch.randn(8), torch.randn(8), cache, cache.clone(), torch.tensor(3),
                              torch.empty(8), 1.0)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        ext.decode_attention(torch.randn(8), torch.randn(8), torch.randn(8), cache.half(), cache.half(), 0,
-                             torch.empty(8), 1.0)
+        ext.decode_attention(torch.randn(8), torch.randn(8), torch.randn(8), cache.half(), cache.half(),
+                             torch.tensor(0), torch.empty(8), 1.0)
+    with pytest.raises(RuntimeError, match="one-element int64"):
+        ext.decode_attention(torch.randn(8), torch.randn(8), torch.randn(8), cache, cache.clone(),
+                             torch.tensor(0.0), torch.empty(8), 1.0)
 
 
 def test_selection_and_forcing(monkeypatch):
@@ -230,3 +233,94 @@ def test_smollm2_fused_decode_equals_torch_ops(smollm2):
     torch_tokens, fused_tokens = fused_vs_torch(model, prompt, 32)
     assert fused_tokens == torch_tokens
     assert [int(t[0]) for t in generate_ids(model, [prompt], max_new_tokens=32)] == torch_tokens
+
+
+# ---- the recorded decode step (DecodeGraph): replays equal the eager forward bit for bit ----------------
+
+
+def graph_vs_eager(model, prompt: list[int], tokens: list[int]):
+    """Logits of each token decoded through the recorded step (default) and through the eager forward
+    (explicit positions bypass the recording), from the same prompt."""
+    caches = model.new_cache(1, len(prompt) + len(tokens)), model.new_cache(1, len(prompt) + len(tokens))
+    with torch.no_grad():
+        for cache in caches:
+            model(torch.tensor([prompt]), cache=cache)
+        graph, eager = [], []
+        for i, token in enumerate(tokens):
+            graph.append(model(torch.tensor([[token]]), cache=caches[0])[0, -1])
+            position = torch.tensor([len(prompt) + i])
+            eager.append(model(torch.tensor([[token]]), cache=caches[1], positions=position)[0, -1])
+    return torch.stack(graph), torch.stack(eager)
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"attention_bias": True},
+    {"rope": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+    {"rope": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+], ids=["plain", "bias", "dynamic", "partial-rotary"])
+def test_recorded_step_replays_equal_the_eager_forward_bit_for_bit(changes):
+    extension()
+    model = tiny_model(**changes)
+    tokens = [int(t) for t in torch.randint(3, 250, (30,), generator=torch.Generator().manual_seed(5))]
+    graph, eager = graph_vs_eager(model, PROMPT, tokens)
+    assert model._decode_graph is not None, "a one-token CPU step records its graph"
+    assert torch.equal(graph, eager)
+
+
+def test_recorded_step_is_dropped_when_the_model_changes():
+    extension()
+    model = tiny_model()
+    cache = model.new_cache(1, 64)
+    with torch.no_grad():
+        model(torch.tensor([PROMPT]), cache=cache)
+        model(torch.tensor([[5]]), cache=cache)
+        model(torch.tensor([[6]]), cache=cache)
+        assert model._decode_graph is not None
+        model.set_rope("linear:factor=2")
+        assert model._decode_graph is None
+        got = model(torch.tensor([[7]]), cache=cache)[0, -1]
+        want = model(torch.tensor([[7]]), cache=_copy_cache(model, cache, drop_last=True),
+                     positions=torch.tensor([len(PROMPT) + 2]))[0, -1]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def _copy_cache(model, cache, drop_last: bool):
+    """A copy of ``cache`` (without its last slot when ``drop_last``)."""
+    import copy
+
+    other = copy.deepcopy(cache)
+    if drop_last:
+        other._fill = [n - 1 for n in other._fill]
+        other.key_positions[:, other.length] = -1
+    return other
+
+
+def test_no_recorded_step_with_grad_a_mask_or_torch_ops():
+    extension()
+    model = tiny_model()
+    cache = model.new_cache(1, 64)
+    model(torch.tensor([PROMPT]), cache=cache).sum()  # grad enabled: eager
+    model(torch.tensor([[5]]), cache=cache)
+    assert model._decode_graph is None
+    with torch.no_grad(), use_backend("torch"):
+        model(torch.tensor([[6]]), cache=cache)
+    assert model._decode_graph is None
+    with torch.no_grad():
+        model(torch.tensor([[7]]), cache=cache, attention_mask=torch.ones(1, cache.length + 1))
+        assert model._decode_graph is None
+        model(torch.tensor([[8]]), cache=cache)
+        assert model._decode_graph is not None
+
+
+def test_recorded_step_reports_overflow_and_bad_tokens():
+    extension()
+    model = tiny_model()
+    cache = model.new_cache(1, len(PROMPT) + 2)
+    with torch.no_grad():
+        model(torch.tensor([PROMPT]), cache=cache)
+        model(torch.tensor([[5]]), cache=cache)
+        with pytest.raises(ValueError, match="token ids must lie in"):
+            model(torch.tensor([[10_000]]), cache=cache)
+        model(torch.tensor([[6]]), cache=cache)
+        with pytest.raises(ValueError, match="KV cache overflow"):
+            model(torch.tensor([[7]]), cache=cache)

@@ -55,7 +55,7 @@ def _rotate_triton(*args, **kwargs) -> torch.Tensor:
     return rotate_triton(*args, **kwargs)
 
 
-register_backend("cpp", cpu.rotate_cpp, supports=cpu.supports, priority=10)
+register_backend("cpp", cpu.rotate_cpp, supports=cpu.supports, priority=10, plan=cpu.plan_rotate_cpp)
 register_backend("triton", _rotate_triton, supports=_triton_supports, priority=5)
 
 __all__ = ["ENV_VAR", "OPS", "ROTARY", "apply_rotary_positions", "available_backends", "decode", "register_backend",

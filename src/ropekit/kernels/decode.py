@@ -13,9 +13,9 @@ pure-torch twin otherwise (prefill, batches, CUDA, or no compiler). Both have on
 - ``norm_swiglu(x, w_gate, w_up, norm_weight=None, eps=1e-5)``: ``silu(W_gate x') * (W_up x')``.
 - ``linear_residual(x, weight, residual, bias=None)``: ``residual + W x (+ b)``.
 - ``decode_attention(q, k, v, k_cache, v_cache, slot, scale)``: q ``[H*D]``, k/v ``[Hkv*D]`` (q and
-  k rotated) are one token's; k and v are written into slot ``slot`` of the layer's caches
-  ``[Hkv, S_max, D]``, then each query head attends to slots ``0..slot`` (grouped-query heads).
-  Returns ``[H*D]``.
+  k rotated) are one token's; k and v are written into slot ``slot`` (an int, or a 0-dim int64
+  tensor read when the kernel runs) of the layer's caches ``[Hkv, S_max, D]``, then each query
+  head attends to slots ``0..slot`` (grouped-query heads). Returns ``[H*D]``.
 
 The C++ kernels take float32 or bfloat16 weights (widened exactly, multiplied in float32) and
 float32 activations; caches may be float32 or bfloat16. They run on their own thread pool
@@ -90,6 +90,7 @@ def linear_residual_torch(x, weight, residual, bias=None):
 
 def decode_attention_torch(q, k, v, k_cache, v_cache, slot, scale):
     Hkv, S_max, D = k_cache.shape
+    slot = int(slot)
     if not 0 <= slot < S_max:
         raise ValueError(f"decode_attention: slot {slot} outside the cache of {S_max} slots")
     k_cache[:, slot] = k.view(Hkv, D)
@@ -138,49 +139,85 @@ def _supports_decode_attention(q, k, v, k_cache, v_cache, slot, scale) -> bool:
             and v_cache.is_contiguous() and extension() is not None)
 
 
-def norm_linear_cpp(x, weights, norm_weight=None, eps=1e-5, biases=None):
+# Each C++ backend is a planner: ``(result, run)``, the output buffers and the call that fills them from
+# the inputs' current values (what a recorded decode step replays); the eager backend plans and runs.
+
+
+def plan_norm_linear(x, weights, norm_weight=None, eps=1e-5, biases=None):
     sizes = [w.shape[0] for w in weights]
     y = torch.empty(sum(sizes), dtype=torch.float32)
-    extension().gemv(list(weights), x.view(-1), y, False, _float_vector(norm_weight), float(eps))
     outs = [part.view(*x.shape[:-1], n) for part, n in zip(y.split(sizes), sizes, strict=True)]
-    for out, b in zip(outs, biases or (), strict=False):
-        if b is not None:
-            out.add_(b.to(torch.float32))
-    return outs
+    ext, ws, xv, nw, eps = extension(), list(weights), x.view(-1), _float_vector(norm_weight), float(eps)
+    added = [(out, b.detach().to(torch.float32)) for out, b in zip(outs, biases or (), strict=False) if b is not None]
+
+    def run() -> None:
+        ext.gemv(ws, xv, y, False, nw, eps)
+        for out, b in added:
+            out.add_(b)
+
+    return outs, run
 
 
-def norm_swiglu_cpp(x, w_gate, w_up, norm_weight=None, eps=1e-5):
+def plan_norm_swiglu(x, w_gate, w_up, norm_weight=None, eps=1e-5):
     y = torch.empty(w_gate.shape[0], dtype=torch.float32)
-    extension().gemv_swiglu(w_gate, w_up, x.view(-1), y, _float_vector(norm_weight), float(eps))
-    return y.view(*x.shape[:-1], -1)
+    ext, xv, nw, eps = extension(), x.view(-1), _float_vector(norm_weight), float(eps)
+
+    def run() -> None:
+        ext.gemv_swiglu(w_gate, w_up, xv, y, nw, eps)
+
+    return y.view(*x.shape[:-1], -1), run
 
 
-def linear_residual_cpp(x, weight, residual, bias=None):
-    y = residual.reshape(-1).clone()
-    extension().gemv([weight], x.view(-1), y, True, None, 1e-5)
-    if bias is not None:
-        y.add_(bias.to(torch.float32))
-    return y.view(residual.shape)
+def plan_linear_residual(x, weight, residual, bias=None):
+    y = torch.empty(residual.numel(), dtype=torch.float32)
+    ext, xv, rv, ws = extension(), x.view(-1), residual.reshape(-1), [weight]
+    b = None if bias is None else bias.detach().to(torch.float32)
+
+    def run() -> None:
+        ext.gemv(ws, xv, y, False, None, 1e-5, rv)
+        if b is not None:
+            y.add_(b)
+
+    return y.view(residual.shape), run
 
 
-def decode_attention_cpp(q, k, v, k_cache, v_cache, slot, scale):
+def plan_decode_attention(q, k, v, k_cache, v_cache, slot, scale):
     out = torch.empty(q.numel(), dtype=torch.float32)
-    extension().decode_attention(q.view(-1), k.reshape(-1), v.reshape(-1), k_cache, v_cache, int(slot), out,
-                                 float(scale))
-    return out
+    slot = slot if isinstance(slot, torch.Tensor) else torch.tensor(int(slot))
+    ext, qv, kv, vv, scale = extension(), q.view(-1), k.reshape(-1), v.reshape(-1), float(scale)
+
+    def run() -> None:
+        ext.decode_attention(qv, kv, vv, k_cache, v_cache, slot, out, scale)
+
+    return out, run
 
 
-for _op, _torch_fn, _cpp_fn, _supports in (
-        (NORM_LINEAR, norm_linear_torch, norm_linear_cpp, _supports_norm_linear),
-        (NORM_SWIGLU, norm_swiglu_torch, norm_swiglu_cpp, _supports_norm_swiglu),
-        (LINEAR_RESIDUAL, linear_residual_torch, linear_residual_cpp, _supports_linear_residual),
-        (DECODE_ATTENTION, decode_attention_torch, decode_attention_cpp, _supports_decode_attention)):
+def _eager(plan):
+    def backend(*args, **kwargs):
+        result, run = plan(*args, **kwargs)
+        run()
+        return result
+
+    backend.__name__ = plan.__name__.replace("plan_", "") + "_cpp"
+    return backend
+
+
+for _op, _torch_fn, _plan, _supports in (
+        (NORM_LINEAR, norm_linear_torch, plan_norm_linear, _supports_norm_linear),
+        (NORM_SWIGLU, norm_swiglu_torch, plan_norm_swiglu, _supports_norm_swiglu),
+        (LINEAR_RESIDUAL, linear_residual_torch, plan_linear_residual, _supports_linear_residual),
+        (DECODE_ATTENTION, decode_attention_torch, plan_decode_attention, _supports_decode_attention)):
     _op.register("torch", _torch_fn, priority=0)
-    _op.register("cpp", _cpp_fn, supports=_supports, priority=10)
+    _op.register("cpp", _eager(_plan), supports=_supports, priority=10, plan=_plan)
 
 norm_linear, norm_swiglu, linear_residual = NORM_LINEAR, NORM_SWIGLU, LINEAR_RESIDUAL
 decode_attention = DECODE_ATTENTION
 DECODE_OPS = tuple(op.name for op in (NORM_LINEAR, NORM_SWIGLU, LINEAR_RESIDUAL, DECODE_ATTENTION))
+
+
+def fused_decode_forced_off() -> bool:
+    """Whether ``use_backend("torch")`` or ``ROPEKIT_GEMV_BACKEND=torch`` forces the decode ops onto torch."""
+    return (NORM_LINEAR.forced or os.environ.get(ENV_VAR)) == "torch"
 
 
 def fused_decode_available(weight: torch.Tensor) -> bool:

@@ -98,15 +98,31 @@ class RopeAttention(EngineAttention):
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                context: AttentionContext) -> torch.Tensor:
+        cache = context.cache
+        if cache is not None and context.mask is None and q.shape[0] == 1 and q.shape[2] == 1:
+            joint = adjacent_heads(q, k)
+            if joint is not None:  # q and k are neighbours in one buffer (a fused decode step): one call
+                apply_rotary(joint, context.cos, context.sin, out=joint)
+            else:
+                q, k = apply_rotary(q, context.cos, context.sin), apply_rotary(k, context.cos, context.sin)
+            return cache.attend_one(layer_idx, q, k, v, context.key_positions)  # one token: the decode kernel
         q = apply_rotary(q, context.cos, context.sin)
         k = apply_rotary(k, context.cos, context.sin)
-        cache = context.cache
         if cache is None:
             return sdpa(q, k, v, context.mask)
-        if context.mask is None and q.shape[0] == 1 and q.shape[2] == 1:
-            return cache.attend_one(layer_idx, q, k, v, context.key_positions)  # one token: the decode kernel
         k, v = cache.update(layer_idx, k, v, context.key_positions)  # [B, Hkv, S, D]
         return sdpa(q, k, v, context.mask)
+
+
+def adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """``[1, H + Hkv, 1, D]``: one view of q ``[1, H, 1, D]`` and k ``[1, Hkv, 1, D]`` when k's heads follow
+    q's in memory with the same layout (the fused q|k|v buffer of a decode step), else None."""
+    D = q.shape[-1]
+    if (q.dtype != k.dtype or q.stride(-1) != 1 or k.stride(-1) != 1 or q.stride(1) != D or k.stride(1) != D
+            or k.shape[-1] != D or q.requires_grad or k.requires_grad
+            or k.data_ptr() != q.data_ptr() + q.shape[1] * D * q.element_size()):
+        return None
+    return q.as_strided((1, q.shape[1] + k.shape[1], 1, D), (q.stride(0), D, q.stride(2), 1))
 
 
 class VariantAttention(EngineAttention):

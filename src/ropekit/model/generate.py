@@ -97,20 +97,36 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     if max_new_tokens == 0:
         return
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    sample = lambda logits: sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,  # noqa: E731
+                                        generator=generator)
     cache = KVCache.for_model(model, input_ids.shape[0], capacity)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     with use_backend(None if fast else "torch", *DECODE_OPS):
         logits = model(input_ids, cache=cache, attention_mask=mask, logits_to_keep=1,
                        on_layer=on_prefill_layer)[:, -1]  # [B, V]
+        if input_ids.shape[0] == 1:  # one sequence: plain ints between steps (a decode step is ~30 ms of kernels)
+            yield from _one_sequence(model, cache, logits, max_new_tokens, sample, set(stop_ids))
+            return
         for step in range(max_new_tokens):
-            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            token = sample(logits)
             yield token.masked_fill(done, -1)
             done = done | torch.isin(token, stop)
             if bool(done.all()) or step + 1 == max_new_tokens or cache.length == cache.max_len:
                 return
             token = token.masked_fill(done, pad_id)
             logits = model(token[:, None], cache=cache)[:, -1]  # [B, 1] -> [B, V]
+
+
+def _one_sequence(model, cache: KVCache, logits: torch.Tensor, max_new_tokens: int,
+                  sample: Callable[[torch.Tensor], torch.Tensor], stop: set[int]) -> Iterator[torch.Tensor]:
+    """``generate_ids``'s loop for a batch of one: yields ``[1]`` tensors."""
+    for step in range(max_new_tokens):
+        token = sample(logits)  # [1]
+        yield token
+        if int(token) in stop or step + 1 == max_new_tokens or cache.length == cache.max_len:
+            return
+        logits = model(token[:, None], cache=cache)[:, -1]  # [1, 1] -> [1, V]
 
 
 def prepare_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:

@@ -36,6 +36,9 @@ class KVCache:
         self.key_positions = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
         self.max_len = max_len
         self._fill = [0] * num_layers  # slots written per layer; all equal between forward passes
+        self.slot = torch.zeros((), dtype=torch.long)  # the slot of the current one-token step (decode kernel)
+        self.padded = False  # whether a padding slot (position -1) was ever written since the last reset
+        self._last_position = -1  # one-sequence caches: the largest position written (Python int)
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
@@ -83,8 +86,43 @@ class KVCache:
         self.values[layer_idx, :, :, start:end] = v
         if layer_idx == 0:
             self.key_positions[:, start:end] = positions
+            self._note_positions(positions)
         self._fill[layer_idx] = end
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+    def _note_positions(self, positions: torch.Tensor) -> None:
+        if positions.numel() == 0:
+            return
+        low, high = int(positions.min()), int(positions.max())
+        self.padded = self.padded or low < 0
+        if self.batch_size == 1:
+            self._last_position = max(self._last_position, high)
+
+    def next_position(self) -> int:
+        """The next position of a one-sequence cache (the largest written + 1, 0 when empty)."""
+        if self.batch_size != 1:
+            raise ValueError(f"next_position is for one-sequence caches, this one holds {self.batch_size}")
+        return self._last_position + 1
+
+    def open_slot(self, position: torch.Tensor | int) -> int:
+        """Start a one-token step of a one-sequence cache: the slot it writes (also in ``self.slot``), its
+        position recorded. ``position``: the token's position (an int, or a tensor with one element)."""
+        slot = self.length
+        if self.batch_size != 1:
+            raise ValueError(f"a one-token step takes a one-sequence cache, this one holds {self.batch_size}")
+        if slot >= self.max_len:
+            raise ValueError(f"KV cache overflow: {slot} tokens cached + 1 new > capacity {self.max_len}; "
+                             "allocate a longer cache")
+        position = int(position) if isinstance(position, int) else int(position.reshape(-1)[0])
+        self.slot.fill_(slot)
+        self.key_positions[0, slot] = position
+        self.padded = self.padded or position < 0
+        self._last_position = max(self._last_position, position)
+        return slot
+
+    def close_slot(self) -> None:
+        """End a one-token step: every layer has written its slot."""
+        self._fill = [self.length + 1] * len(self._fill)
 
     def attend_one(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    positions: torch.Tensor) -> torch.Tensor:
@@ -92,21 +130,22 @@ class KVCache:
         slots 0..slot (the ``decode_attention`` op: a C++ kernel for float32 activations on the CPU).
 
         q ``[1, H, 1, D]`` and k ``[1, Hkv, 1, D]`` rotated, v ``[1, Hkv, 1, D]``, positions ``[1, 1]``.
-        Returns ``[1, H, 1, D]`` in q's dtype.
+        Returns ``[1, H, 1, D]`` in q's dtype. The layers of one forward share the step's slot: the
+        first opens it, the last closes it.
         """
-        slot = self._fill[layer_idx]
-        if self.batch_size != 1 or q.shape[2] != 1:
+        if q.shape[0] != 1 or q.shape[2] != 1:
             raise ValueError(f"attend_one takes one token of one sequence, got q of shape {tuple(q.shape)}")
-        if slot >= self.max_len:
-            raise ValueError(f"KV cache overflow in layer {layer_idx}: {slot} + 1 > {self.max_len}")
-        out = decode_attention(q.reshape(-1), k.reshape(-1), v.reshape(-1), self.keys[layer_idx, 0],
-                               self.values[layer_idx, 0], slot, 1.0 / math.sqrt(q.shape[-1]))
         if layer_idx == 0:
-            self.key_positions[:, slot] = positions.reshape(-1)
-        self._fill[layer_idx] = slot + 1
+            self.open_slot(positions)
+        elif self._fill[layer_idx] != self._fill[0] - 1:
+            raise ValueError(f"attend_one: layer {layer_idx} is not at the step layer 0 opened")
+        out = decode_attention(q.reshape(-1), k.reshape(-1), v.reshape(-1), self.keys[layer_idx, 0],
+                               self.values[layer_idx, 0], self.slot, 1.0 / math.sqrt(q.shape[-1]))
+        self._fill[layer_idx] += 1
         return out.view(q.shape).to(q.dtype)
 
     def reset(self) -> None:
         """Forget everything (buffers stay allocated)."""
         self._fill = [0] * len(self._fill)
         self.key_positions.fill_(-1)
+        self.padded, self._last_position = False, -1

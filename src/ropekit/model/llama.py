@@ -25,6 +25,8 @@ from torch import nn
 
 from ropekit.kernels.decode import (
     decode_path,
+    fused_decode_available,
+    fused_decode_forced_off,
     linear_residual,
     norm_linear,
     norm_swiglu,
@@ -33,6 +35,7 @@ from ropekit.kernels.decode import (
 from ropekit.model.attention import AttentionContext, EngineAttention, RopeAttention, build_mask
 from ropekit.model.kv_cache import KVCache
 from ropekit.rope import RopeConfig, RotaryEmbedding
+from ropekit.rope.dispatch import is_recording, recording
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,7 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config.rope)
         self.attention = attention or RopeAttention()
+        self._decode_graph: DecodeGraph | None = None
 
     @property
     def attention_method(self) -> EngineAttention:
@@ -200,10 +204,12 @@ class LlamaModel(nn.Module):
         device = self.embed_tokens.weight.device
         self.rope = RotaryEmbedding(rope_config, device=device)
         self.config = self.config.with_rope(rope_config)
+        self._decode_graph = None
 
     def set_attention(self, attention: EngineAttention) -> None:
         """Install another attention (``VariantAttention(SelfExtend(...))``, ...)."""
         self.attention = attention
+        self._decode_graph = None
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A preallocated ``KVCache`` for this model."""
@@ -227,6 +233,16 @@ class LlamaModel(nn.Module):
         on_layer: called with i after layer i (progress of a long prefill).
         Returns float32 logits ``[B, T, V]`` (``[B, logits_to_keep, V]``).
         """
+        if positions is None and attention_mask is None and on_layer is None and cache is not None:
+            graph = self._decode_graph
+            if graph is not None and graph.replays(self, input_ids, cache):
+                return graph.replay(input_ids)
+            if DecodeGraph.can_record(self, input_ids, cache):
+                self._decode_graph = graph = DecodeGraph(self, cache)
+                return graph.record(input_ids)
+        return self._logits(input_ids, positions, cache, attention_mask, logits_to_keep, on_layer)
+
+    def _logits(self, input_ids, positions, cache, attention_mask, logits_to_keep, on_layer) -> torch.Tensor:
         x = self.hidden_states(input_ids, positions, cache, attention_mask, normed=False,
                                on_layer=on_layer)  # [B, T, C]
         if logits_to_keep > 0:
@@ -243,6 +259,8 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # [B, T, C]
         if x.dtype != torch.float32 and input_ids.numel() == 1 and x.device.type == "cpu":
             x = x.float()  # a CPU decode step keeps its activations in float32 (the fused kernels' input)
+        if is_recording():
+            record_inputs(self, context, x)
         for i, layer in enumerate(self.layers):
             x = layer(x, context)
             if on_layer is not None:
@@ -272,6 +290,86 @@ class LlamaModel(nn.Module):
                                    mask=build_mask(valid, cache, past, T))
         self.attention.prepare(context)
         return context
+
+
+def record_inputs(model: LlamaModel, context: AttentionContext, x: torch.Tensor) -> None:
+    """While a decode step is recorded: keep its per-step inputs (the embedding buffer, the rope rows)."""
+    graph = model._decode_graph
+    if graph is not None:
+        graph.context, graph.embedding = context, x
+
+
+class DecodeGraph:
+    """One recorded one-token decode step of the model's own layers, run again for the next tokens.
+
+    Decoding streams every weight once per token; the Python between the kernels then runs on a
+    cold cache and costs more than the kernels' own calls. The first one-token step of a
+    one-sequence CPU cache runs the model's forward (the same layer code as every other step)
+    with ``ropekit.rope.dispatch.recording`` on: each fused op returns its output buffers and a
+    call that refills them. Later steps set the step's inputs (the token's embedding row, the
+    rope rows at its position, the cache slot) in those buffers and make the recorded calls, in
+    order. The logits equal the recorded forward's bit for bit (the same kernels on the same
+    buffers); the graph is dropped when the rope, the attention, the cache or the weights change.
+    """
+
+    def __init__(self, model: LlamaModel, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.key = self._key(model, cache)
+        self.steps: list[Callable[[], None]] = []
+        self.context: AttentionContext | None = None
+        self.embedding: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None  # static rope: cos/sin for every slot
+
+    @staticmethod
+    def _key(model: LlamaModel, cache: KVCache) -> tuple:
+        weight = model.embed_tokens.weight
+        return (id(cache), cache.keys.data_ptr(), id(model.attention), id(model.rope), weight.data_ptr(),
+                weight.dtype, model.lm_head.weight.data_ptr())
+
+    @staticmethod
+    def can_record(model: LlamaModel, input_ids: torch.Tensor, cache: KVCache) -> bool:
+        """A one-token step of a one-sequence CPU cache, plain rope attention, the fused kernels in force."""
+        return (type(model.attention) is RopeAttention and isinstance(input_ids, torch.Tensor)
+                and input_ids.shape == (1, 1) and input_ids.dtype == torch.long and cache.batch_size == 1
+                and not cache.padded and not torch.is_grad_enabled()
+                and fused_decode_available(model.embed_tokens.weight))
+
+    def replays(self, model: LlamaModel, input_ids: torch.Tensor, cache: KVCache) -> bool:
+        return (self.key == self._key(model, cache) and input_ids.shape == (1, 1) and not cache.padded
+                and not torch.is_grad_enabled() and fused_decode_forced_off() is False)
+
+    def record(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the step eagerly (the model's own forward) while recording it."""
+        with recording() as rec:
+            logits = self.model._logits(input_ids, None, self.cache, None, 0, None)
+        if self.context is None or self.embedding is None:
+            raise RuntimeError("the recorded decode step did not register its inputs")
+        self.steps, self.logits = rec.steps, logits
+        rope = self.model.rope
+        if not rope.config.is_dynamic:
+            self.tables = rope(torch.arange(self.cache.max_len))  # [S_max, R/2] each
+        return logits.clone()
+
+    def replay(self, input_ids: torch.Tensor) -> torch.Tensor:
+        model, cache, context = self.model, self.cache, self.context
+        token = int(input_ids[0, 0])
+        if not 0 <= token < model.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {model.config.vocab_size}), got [{token}, {token}]")
+        position = cache.next_position()
+        if self.tables is not None and position < self.tables[0].shape[0]:
+            context.cos.copy_(self.tables[0][position])
+            context.sin.copy_(self.tables[1][position])
+        else:
+            cos, sin = model.rope(torch.tensor([position]))  # [1, R/2]: length-dependent rope types
+            context.cos.copy_(cos)
+            context.sin.copy_(sin)
+        self.embedding.view(-1).copy_(model.embed_tokens.weight[token])
+        cache.open_slot(position)
+        for run in self.steps:
+            run()
+        cache.close_slot()
+        return self.logits.clone()
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:

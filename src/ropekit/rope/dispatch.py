@@ -30,11 +30,55 @@ def _always(*args, **kwargs) -> bool:
 
 @dataclass(frozen=True)
 class Kernel:
-    """One backend of an op: the function, whether it can run on ``x`` now, and its preference."""
+    """One backend of an op: the function, whether it can run on ``x`` now, its preference, and optionally
+    its planner: ``plan(*args) -> (result, run)`` where ``run()`` computes ``result`` in place (its buffers
+    fixed), so a recorded sequence of ops can be run again on new input values (``recording``)."""
 
     fn: Backend
     supports: Callable[..., bool]
     priority: int = 0
+    plan: Callable[..., tuple] | None = None
+
+
+class NotRecordable(RuntimeError):
+    """An op without a planner ran while a sequence was being recorded."""
+
+
+class Recording:
+    """The ops run inside ``recording()``: one ``run()`` per op, in order (``steps``). Running them all again
+    recomputes every result in its same buffer from the current values of the inputs."""
+
+    def __init__(self):
+        self.steps: list[Callable[[], None]] = []
+
+
+_RECORDING: Recording | None = None
+
+
+@contextmanager
+def recording() -> Iterator[Recording]:
+    """Record the ops run inside the block (see ``Recording``). An op whose selected backend has no planner
+    raises ``NotRecordable``."""
+    global _RECORDING
+    previous, _RECORDING = _RECORDING, Recording()
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = previous
+
+
+def is_recording() -> bool:
+    return _RECORDING is not None
+
+
+def _planned(kernel: Kernel, name: str, args, kwargs):
+    """Run a kernel through its planner and record the ``run`` (only while recording)."""
+    if kernel.plan is None:
+        raise NotRecordable(f"the {name} backend has no planner")
+    result, run = kernel.plan(*args, **kwargs)
+    run()
+    _RECORDING.steps.append(run)
+    return result
 
 
 class KernelOp:
@@ -47,9 +91,9 @@ class KernelOp:
         self.forced: str | None = None  # set by ``use_backend``: wins over the environment variable
 
     def register(self, backend: str, fn: Backend, supports: Callable[..., bool] = _always,
-                 priority: int = 0) -> None:
-        """Add (or replace) a backend."""
-        self._backends[backend] = Kernel(fn, supports, priority)
+                 priority: int = 0, plan: Callable[..., tuple] | None = None) -> None:
+        """Add (or replace) a backend (``plan``: see ``Kernel``)."""
+        self._backends[backend] = Kernel(fn, supports, priority, plan)
         self._order = sorted(self._backends.items(), key=lambda item: -item[1].priority)
 
     @property
@@ -85,7 +129,10 @@ class KernelOp:
         return self._backends[backend].fn
 
     def __call__(self, x: torch.Tensor, *args, backend: str | None = None, **kwargs):
-        return self._backends[self.select(x, *args, backend=backend, **kwargs)].fn(x, *args, **kwargs)
+        kernel = self._backends[self.select(x, *args, backend=backend, **kwargs)]
+        if _RECORDING is not None:
+            return _planned(kernel, self.name, (x, *args), kwargs)
+        return kernel.fn(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"KernelOp({self.name!r}: {', '.join(self.backends)})"
@@ -121,9 +168,9 @@ ENV_VAR = ROTARY.env_var
 
 
 def register_backend(name: str, fn: Backend, supports: Callable[..., bool] = _always,
-                     priority: int = 0) -> None:
+                     priority: int = 0, plan: Callable[..., tuple] | None = None) -> None:
     """Add (or replace) a rotary backend."""
-    ROTARY.register(name, fn, supports, priority)
+    ROTARY.register(name, fn, supports, priority, plan)
 
 
 def available_backends(x: torch.Tensor | None = None) -> list[str]:
@@ -140,7 +187,10 @@ def rotary_dispatch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, la
                     out: torch.Tensor | None, backend: str | None = None,
                     positions: torch.Tensor | None = None) -> torch.Tensor:
     """Run the selected rotary backend (``positions``: rows of whole cos/sin tables, see ``apply_rotary_positions``)."""
-    fn = ROTARY.function(ROTARY.select(x, backend=backend))
-    if positions is None:
-        return fn(x, cos, sin, layout=layout, heads_first=heads_first, out=out)
-    return fn(x, cos, sin, layout=layout, heads_first=heads_first, out=out, positions=positions)
+    kernel = ROTARY._backends[ROTARY.select(x, backend=backend)]
+    kwargs = {"layout": layout, "heads_first": heads_first, "out": out}
+    if positions is not None:
+        kwargs["positions"] = positions
+    if _RECORDING is not None:
+        return _planned(kernel, ROTARY.name, (x, cos, sin), kwargs)
+    return kernel.fn(x, cos, sin, **kwargs)

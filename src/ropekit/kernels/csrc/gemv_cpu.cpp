@@ -303,8 +303,9 @@ int64_t grain_rows(int64_t K, int64_t itemsize) {
 
 // y = W_0 x ++ W_1 x ++ ... (rows of several matrices, one after the other), or y += ... when
 // accumulate. With norm_weight, x is replaced by RMSNorm(x) * norm_weight.
+// With residual, y = residual + W x (the residual add of a layer, in the same call).
 void gemv(const std::vector<at::Tensor>& weights, const at::Tensor& x, const at::Tensor& y, bool accumulate,
-          const c10::optional<at::Tensor>& norm_weight, double eps) {
+          const c10::optional<at::Tensor>& norm_weight, double eps, const c10::optional<at::Tensor>& residual) {
   const char* what = "gemv";
   TORCH_CHECK(!weights.empty(), what, ": no weights");
   std::vector<float> scratch;
@@ -320,6 +321,14 @@ void gemv(const std::vector<at::Tensor>& weights, const at::Tensor& x, const at:
               offsets.back(), " rows");
   float* yp = y.mutable_data_ptr<float>();
   TORCH_CHECK(yp + y.numel() <= xp || xp + K <= yp, what, ": y must not overlap x");
+  if (residual) {
+    TORCH_CHECK(!accumulate, what, ": residual and accumulate exclude each other");
+    check_vector(*residual, what, "residual");
+    TORCH_CHECK(residual->numel() == y.numel(), what, ": residual has ", residual->numel(), " elements, y ",
+                y.numel());
+    std::memmove(yp, residual->const_data_ptr<float>(), sizeof(float) * y.numel());
+    accumulate = true;
+  }
   const int64_t grain = grain_rows(K, weights[0].element_size());
   parallel_chunks(offsets.back(), grain, [&](int64_t begin, int64_t end) {
     for (size_t m = 0; m < weights.size(); ++m) {
@@ -413,11 +422,15 @@ void attend_one(const float* q, const float* k_new, const float* v_new, C* kc, C
 // q: [H * D], k_new/v_new: [Hkv * D] float32 (q and k already rotated). k_new and v_new are first
 // written into slot `slot` of k_cache/v_cache ([Hkv, S_max, D], float32 or bfloat16, contiguous;
 // bfloat16 rounds to nearest even); then query head h (grouped: kv head h / (H / Hkv)) attends to
-// slots 0..slot. out: [H * D] float32.
+// slots 0..slot. out: [H * D] float32. slot_t: a 0-dim int64 tensor, read when the kernel runs (a
+// recorded decode step replays with the slot of its own step).
 void decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
-                      const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t slot, const at::Tensor& out,
-                      double scale) {
+                      const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_t,
+                      const at::Tensor& out, double scale) {
   const char* what = "decode_attention";
+  TORCH_CHECK(slot_t.numel() == 1 && slot_t.scalar_type() == at::kLong && slot_t.device().is_cpu(), what,
+              ": slot must be a one-element int64 CPU tensor");
+  const int64_t slot = slot_t.item<int64_t>();
   check_vector(q, what, "q");
   check_vector(k_new, what, "k");
   check_vector(v_new, what, "v");
@@ -478,8 +491,9 @@ void set_threading(const std::string& name) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "y (+)= concat_i(W_i @ [rmsnorm](x))", py::arg("weights"), py::arg("x"), py::arg("y"),
-        py::arg("accumulate") = false, py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5);
+  m.def("gemv", &gemv, "y (+)= [residual +] concat_i(W_i @ [rmsnorm](x))", py::arg("weights"), py::arg("x"),
+        py::arg("y"), py::arg("accumulate") = false, py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5,
+        py::arg("residual") = py::none());
   m.def("gemv_swiglu", &gemv_swiglu, "y = silu(W_gate @ x) * (W_up @ x)", py::arg("w_gate"), py::arg("w_up"),
         py::arg("x"), py::arg("y"), py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5);
   m.def("decode_attention", &decode_attention, "one-token GQA attention over a preallocated cache", py::arg("q"),
