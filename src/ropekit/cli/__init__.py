@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 DESCRIPTION = ("ropekit: rotary position embeddings (RoPE) for LLaMA-family models, and running them past "
@@ -17,7 +18,7 @@ DESCRIPTION = ("ropekit: rotary position embeddings (RoPE) for LLaMA-family mode
                "them, and see why position encoding works (demos).")
 
 # Feature modules, in the order their subcommands are listed in --help.
-FEATURE_MODULES = ["compare", "eval", "generate", "demo"]
+FEATURE_MODULES = ["compare", "eval", "generate", "convert", "demo"]
 
 
 class UsageError(ValueError):
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (ropekit ... | head): stop quietly
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes stdout at exit)
+        return 0
 
 
 if __name__ == "__main__":

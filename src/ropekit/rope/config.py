@@ -162,6 +162,47 @@ class RopeConfig:
             out["max_position_embeddings"] = self.max_position_embeddings
         return out
 
+    # -- other runtimes' formats (ropekit.rope.formats); each raises Inexpressible where the format cannot
+    #    express this configuration
+
+    @classmethod
+    def from_gguf(cls, metadata: Mapping, tensors: Mapping | None = None) -> RopeConfig:
+        """From GGUF metadata (``<arch>.rope.*`` keys) and its ``rope_freqs`` / ``rope_factors_*`` tensors."""
+        from ropekit.rope import formats
+
+        return formats.from_gguf(metadata, tensors)
+
+    def to_gguf(self, arch: str = "llama") -> dict:
+        """GGUF metadata for ``arch``; entries named ``*.weight`` are tensors the file must carry."""
+        from ropekit.rope import formats
+
+        return formats.to_gguf(self, arch)
+
+    @classmethod
+    def from_llama_cpp(cls, flags: str | list, base: RopeConfig) -> RopeConfig:
+        """What llama.cpp runs with these flags on a model whose file rope is ``base``."""
+        from ropekit.rope import formats
+
+        return formats.from_llama_cpp(flags, base)
+
+    def to_llama_cpp(self) -> list[str]:
+        """llama.cpp command-line flags."""
+        from ropekit.rope import formats
+
+        return formats.to_llama_cpp(self)
+
+    def to_vllm(self) -> dict:
+        """``{"hf_overrides": ..., "max_model_len": ...}`` for ``vllm serve``."""
+        from ropekit.rope import formats
+
+        return formats.to_vllm(self)
+
+    def to_hf_legacy(self) -> dict:
+        """A transformers-4 style config fragment (``rope_scaling`` + top-level ``rope_theta``)."""
+        from ropekit.rope import formats
+
+        return formats.to_hf_legacy(self)
+
     def with_rope_type(self, spec: str | Mapping | RopeConfig) -> RopeConfig:
         """The same model geometry (D, base, trained length) with another rope type.
 
@@ -273,6 +314,9 @@ def _head_dim(config: Mapping) -> int:
 
 def _parse_hf(config: Mapping) -> RopeConfig:
     raw = _rope_dict(config)
+    if "rope_type" in raw and "type" in raw and ROPE_TYPES.get(str(raw["type"])) is not ROPE_TYPES.get(
+            str(raw["rope_type"])):
+        raise ValueError(f"rope keys 'rope_type'={raw['rope_type']!r} and legacy 'type'={raw['type']!r} disagree")
     rope_type = canonical_rope_type(raw.get("rope_type", raw.get("type", "default")))
     head_dim = _head_dim(config)
     theta = raw.get("rope_theta", config.get("rope_theta", 10000.0))
