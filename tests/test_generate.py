@@ -38,6 +38,27 @@ def test_greedy_with_cache_equals_recomputation(model):
     assert tokens == greedy_by_recomputation(model, prompt, 12)
 
 
+@pytest.mark.parametrize("spec", ["self-extend:group=2,window=8", "rerope:window=8", "leaky-rerope:window=8,k=2",
+                                  "dynamic:factor=2,consistent=true", "yarn:factor=2"])
+def test_bfloat16_decoding_with_every_variant_follows_recomputation(tmp_path, spec):
+    """In bfloat16 the fused decode step hands the attention a float32 q and a bfloat16 cache: every
+    variant rotates and rounds once and decodes (this used to fail with a dtype mismatch), and its
+    step logits match a full recomputation in bfloat16 to bfloat16 rounding."""
+    from ropekit.loading import load_model
+    from ropekit.model import apply_extension
+
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(seed=3))
+    bf16, _ = load_model(path, dtype="bfloat16")
+    apply_extension(bf16, spec)
+    prompt = list(range(5, 45))
+    tokens = [int(t[0]) for t in generate_ids(bf16, [prompt], max_new_tokens=4)]
+    with torch.no_grad():
+        full = bf16(torch.tensor([prompt + tokens[:3]]))[0, -4:].float()  # [4, V]: the logits of each step
+    picked = full.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    # each cached step's token is (within bfloat16 rounding, ~2^-8 relative) the recomputation's best one
+    assert torch.all(picked >= full.max(dim=1).values - 0.05 * full.abs().max()), (tokens, full.argmax(1).tolist())
+
+
 def test_left_padded_batch_generates_like_each_row_alone(model):
     prompts = [[5, 17, 99, 3, 250, 8, 9], [40], [7, 7, 7]]
     rows = list(zip(*[t.tolist() for t in generate_ids(model, prompts, max_new_tokens=10)], strict=True))
@@ -111,6 +132,8 @@ def test_chat_uses_the_template(model, tokenizer):
     ({"prompt": "a long prompt", "max_length": 4}, "longer than the KV cache"),
     ({"prompt": ["a", "b"], "stream": print}, "single prompt"),
     ({"prompt": "a", "temperature": -1.0}, "temperature"),
+    ({"prompt": "a", "temperature": float("nan")}, "temperature must be a finite number"),
+    ({"prompt": "a", "seed": -1, "temperature": 1.0}, r"seed must be an integer in \[0, 2\*\*64\)"),
     ({"prompt": "a", "top_p": 0.0}, "top_p"),
 ])
 def test_generation_errors(model, tokenizer, kwargs, match):

@@ -36,5 +36,6 @@ class ConsistentDynamic(AttentionVariant):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: ConsistentTables,
                mask: torch.Tensor | None = None, scale: float | None = None, softcap: float | None = None,
                layout: str = "half") -> torch.Tensor:
-        q, k = apply_rotary(q, *tables.q, layout=layout), apply_rotary(k, *tables.k, layout=layout)
+        # rounded once, to the cache's dtype (q may come in float32 from the decode kernels)
+        q, k = apply_rotary(q, *tables.q, layout=layout).to(v.dtype), apply_rotary(k, *tables.k, layout=layout)
         return sdpa(q, k, v, mask, scale, softcap)

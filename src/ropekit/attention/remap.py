@@ -187,8 +187,8 @@ class RemappedVariant(AttentionVariant):
         if tables.q_scale is not None:
             q = q * tables.q_scale[:, None, :, None].to(q.dtype)
 
-        def rotate(x, table):
-            return apply_rotary(x, *table, layout=layout)
+        def rotate(x, table):  # float32 angles; rounded once, to the cache's dtype (q may come in float32)
+            return apply_rotary(x, *table, layout=layout).to(v.dtype)
 
         return merged_attention(
             rotate(q, tables.q_near), rotate(k, tables.k_near), rotate(q, tables.q_far), rotate(k, tables.k_far), v,
