@@ -214,23 +214,30 @@ def test_cli_convert_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, mess
     assert message in err and "\n" not in err
 
 
-def test_rewritten_gguf_loads_with_the_new_rope_and_the_original_is_untouched(tmp_path):
+@pytest.mark.parametrize(("spec", "rope_type"), [
+    ("yarn:factor=4", "yarn"), ("linear:factor=2", "linear"), ("yarn:factor=4,attention_factor=1.3", "yarn"),
+    # a rope_freqs tensor, read back as Llama 3 bands (the way Llama 3.x GGUFs carry their rope)
+    ("llama3:factor=8,low_freq_factor=1,high_freq_factor=4,original_max_position_embeddings=16", "llama3")])
+def test_rewritten_gguf_loads_with_the_new_rope_and_the_original_is_untouched(tmp_path, spec, rope_type):
     from ropekit.loading import load_model
     from ropekit.model import apply_extension
 
     source = write_gguf(tmp_path / "tiny.gguf", tiny_model(max_position_embeddings=32))
     before = hashlib.sha256(source.read_bytes()).hexdigest()
-    out = tmp_path / "yarn.gguf"
-    assert main(["convert", "--model", str(source), "--method", "yarn:factor=4", "--to", "gguf", "--out",
-                 str(out)]) == 0
+    out = tmp_path / "new.gguf"
+    assert main(["convert", "--model", str(source), "--method", spec, "--to", "gguf", "--out", str(out)]) == 0
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before
     rewritten, _ = load_model(out)
     original, _ = load_model(source)
-    apply_extension(original, "yarn:factor=4")
-    assert rewritten.config.rope.rope_type == "yarn" and rewritten.config.rope.scale == 4
+    apply_extension(original, spec)
+    assert rewritten.config.rope.rope_type == rope_type
+    assert torch.equal(rewritten.config.rope.frequencies()[0], original.config.rope.frequencies()[0])
+    assert rewritten.config.rope.frequencies()[1] == pytest.approx(original.config.rope.frequencies()[1], rel=1e-6)
     ids = torch.randint(0, 250, (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(rewritten(ids), original(ids), atol=0, rtol=0)
+        # exact, except that GGUF stores an explicit attention factor as a float32 ratio (1 ulp of it: ~1e-7)
+        tolerance = 1e-5 if "attention_factor" in spec else 0.0
+        torch.testing.assert_close(rewritten(ids), original(ids), atol=tolerance, rtol=tolerance)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,9 +10,10 @@ from pathlib import Path
 import torch
 
 from ropekit.defaults import DEFAULT_MODEL
+from ropekit.loading.checks import read_json_object
 from ropekit.loading.default_model import ModelFetchError, is_model_name, resolve_model_name
 from ropekit.loading.gguf_file import open_gguf, read_gguf, read_metadata
-from ropekit.loading.hf_folder import read_hf_folder
+from ropekit.loading.hf_folder import MAX_CONFIG_BYTES, read_hf_folder
 from ropekit.loading.tokenizer import Tokenizer
 from ropekit.model.arena import state_on_huge_pages
 from ropekit.model.llama import LlamaConfig, LlamaModel
@@ -26,9 +26,20 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
-    """A GGUF file or HF folder path for ``source`` (a path, or a default model name like ``smollm2``)."""
+    """A GGUF file or HF folder path for ``source`` (a path, or a default model name like ``smollm2``).
+
+    ValueError for anything but a non-empty str or path-like, or a path the system refuses to look at.
+    """
+    if not isinstance(source, (str, os.PathLike)) or isinstance(source, str) and not source.strip():
+        raise ValueError(f"model source must be a GGUF file, an HF folder or a model name, got {source!r}")
     path = Path(source)
-    if path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte, a loop of links
+        raise ValueError(f"model source {str(source)[:200]!r}: {err}") from None
+    if exists:
+        if not path.is_file() and not path.is_dir():
+            raise ValueError(f"{path}: not a regular file or a folder")
         return path
     if isinstance(source, str) and is_model_name(source):
         return resolve_model_name(source)
@@ -65,7 +76,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype) and name in _DTYPES:
         return name
     by_name = {str(d).removeprefix("torch."): d for d in _DTYPES}
-    if name not in by_name:
+    if not isinstance(name, str) or name not in by_name:
         raise ValueError(f"dtype must be one of {', '.join(by_name)}, got {name!r}")
     return by_name[name]
 
@@ -91,8 +102,8 @@ def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL) -> Tokenizer:
     path = resolve_source(source)
     if path.is_dir():
         config = path / "config.json"
-        return Tokenizer.from_folder(path, json.loads(config.read_text()) if config.is_file() else {})
-    return Tokenizer.from_gguf_metadata(read_metadata(open_gguf(path)))
+        return Tokenizer.from_folder(path, read_json_object(config, MAX_CONFIG_BYTES) if config.is_file() else {})
+    return Tokenizer.from_gguf_metadata(read_metadata(open_gguf(path)), source=path)
 
 
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, rope: RopeConfig | Mapping | str | None = None,
@@ -109,13 +120,15 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, rope: RopeConfig | 
     """
     dtype = parse_dtype(dtype)
     device = parse_device(device)
+    if rope is not None and not isinstance(rope, (RopeConfig, Mapping, str)):
+        raise ValueError(f"rope must be a RopeConfig, an HF rope_parameters dict or a spec string, got {rope!r}")
     path = resolve_source(source)
     if path.is_dir():
         config, state, hf = read_hf_folder(path)
         tokenizer = Tokenizer.from_folder(path, hf)
     else:
         config, state, meta = read_gguf(path, has_rope_override=rope is not None)
-        tokenizer = Tokenizer.from_gguf_metadata(meta)
+        tokenizer = Tokenizer.from_gguf_metadata(meta, source=path)
     if rope is not None:
         config = config.with_rope(config.rope.with_rope_type(rope))
     return build_model(config, state, dtype, device), tokenizer

@@ -1,6 +1,8 @@
 """Read a LLaMA-architecture GGUF file (llama.cpp's format) into ropekit's model.
 
-Three things happen here and nowhere else:
+The header is read by ``gguf_header.parse_gguf`` (every count and length bounded by the file),
+and every number and tensor shape is checked (``checks``) before a tensor is read. Then three
+things happen here and nowhere else:
 
 1. metadata ``llama.*`` keys become a ``LlamaConfig`` (rope settings included);
 2. tensors are de-quantized with the ``gguf`` package (``gguf.quants.dequantize``);
@@ -13,15 +15,18 @@ Three things happen here and nowhere else:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ropekit.loading import checks
+from ropekit.loading.gguf_header import GGUF_MAGIC, GGUFFile, TensorInfo, parse_gguf
 from ropekit.model.llama import LlamaConfig
+from ropekit.rope import RopeConfig
 
-GGUF_MAGIC = b"GGUF"
+__all__ = ["GGUF_MAGIC", "GGUFFile", "TensorInfo", "dequantize_tensor", "open_gguf", "read_gguf", "read_metadata",
+           "reverse_permute"]
 
 # Quantization types we de-quantize (gguf.quants.dequantize supports more; these are tested or
 # simple block formats). Anything else gets a clear error instead of a surprise.
@@ -46,97 +51,111 @@ _GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight
                  "output.weight": "lm_head.weight"}
 
 
-def open_gguf(path: str | os.PathLike):
-    """A ``gguf.GGUFReader`` for ``path``; clear errors for a missing, non-GGUF or truncated file."""
-    import gguf
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """The checked header of a GGUF file (``gguf_header.parse_gguf``), tensor data mapped, not read.
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ValueError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    FileNotFoundError if it is absent; ValueError for a non-GGUF, truncated or corrupt file.
+    """
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the reader fails in numpy/struct on a cut file; say what it means
-        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt): {exc}") from exc
-    _check_complete(reader, path)
-    return reader
+        return parse_gguf(path)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the file ({err.strerror or err})") from None
 
 
-def _check_complete(reader, path: Path) -> None:
-    """Every tensor's bytes must lie inside the file (a cut download otherwise loads garbage)."""
-    size = path.stat().st_size
-    for tensor in reader.tensors:
-        if tensor.data_offset + tensor.n_bytes > size:
-            raise ValueError(f"{path} is truncated: tensor {tensor.name!r} ends at byte "
-                             f"{tensor.data_offset + tensor.n_bytes}, the file has {size}")
+def read_metadata(gguf_file: GGUFFile) -> dict[str, Any]:
+    """All metadata fields as Python values (str, int, float, bool; numpy arrays for numeric arrays,
+    lists for string arrays)."""
+    return dict(gguf_file.metadata)
 
 
-def read_metadata(reader) -> dict[str, Any]:
-    """All metadata fields as plain Python values (strings, numbers, lists)."""
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception:  # a field type gguf-py cannot decode; we never need those
-            continue
-    return out
+# HF config key -> GGUF key under "{arch}."
+_ARCH_KEYS = {"hidden_size": "embedding_length", "num_attention_heads": "attention.head_count",
+              "num_key_value_heads": "attention.head_count_kv", "num_hidden_layers": "block_count",
+              "intermediate_size": "feed_forward_length", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+              "vocab_size": "vocab_size", "max_position_embeddings": "context_length",
+              "head_dim": "attention.key_length"}
 
 
-def llama_config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool) -> LlamaConfig:
-    """Map GGUF ``llama.*`` keys to a ``LlamaConfig`` (rope settings from ``llama.rope.*``)."""
+def architecture(meta: dict[str, Any], source: Any = "GGUF metadata") -> str:
+    """``general.architecture``; ValueError unless it is one ropekit loads."""
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; "
-                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
+        raise checks.fail(source, "general.architecture", arch, "unsupported GGUF architecture; "
+                                                                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
 
-    def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise ValueError(f"GGUF metadata lacks required key '{arch}.{key}'")
-        return value
 
-    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
-    vocab = meta.get(f"{arch}.vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))
-    hf = {
-        "hidden_size": hidden,
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        "vocab_size": int(vocab),
-        "max_position_embeddings": int(get("context_length")),
-        "head_dim": head_dim,
-        "tie_word_embeddings": tie_word_embeddings,
-    }
-    hf["rope_parameters"] = _rope_parameters(meta, arch, head_dim)
+def llama_config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool,
+                               source: Any = "GGUF metadata", rope_freqs: list[float] | None = None) -> LlamaConfig:
+    """Map GGUF ``llama.*`` keys to a ``LlamaConfig`` (rope settings from ``llama.rope.*``, and from the
+    ``rope_freqs`` tensor's values when given), every number checked first (``checks.check_architecture``);
+    ``source`` names the file in messages."""
+    arch = architecture(meta, source)
+    names = {hf_key: f"{arch}.{key}" for hf_key, key in _ARCH_KEYS.items()}
+    hf = {hf_key: meta.get(name) for hf_key, name in names.items()}
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if hf["vocab_size"] is None and isinstance(tokens, list):
+        hf["vocab_size"], names["vocab_size"] = len(tokens), "tokenizer.ggml.tokens (count)"
+    if hf["max_position_embeddings"] is None:
+        raise checks.fail(source, names["max_position_embeddings"], checks.MISSING, "required")
+    if hf["rms_norm_eps"] is None:
+        hf["rms_norm_eps"] = 1e-5
+    hf = checks.check_architecture(source, hf, names)
+    value_length = meta.get(f"{arch}.attention.value_length")
+    if value_length is not None and checks.check_int(source, f"{arch}.attention.value_length", value_length,
+                                                     checks.MAX_HEAD_DIM) != hf["head_dim"]:
+        raise checks.fail(source, f"{arch}.attention.value_length", value_length,
+                          f"must equal the key length {hf['head_dim']} (ropekit's attention)")
+    hf["tie_word_embeddings"] = tie_word_embeddings
+    hf["rope_parameters"] = _rope_parameters(meta, arch, hf["head_dim"], source, rope_freqs)
     if hf["rope_parameters"].get("partial_rotary_factor") == 1.0:
         del hf["rope_parameters"]["partial_rotary_factor"]
-    return LlamaConfig.from_hf(hf)
+    return checks.build_config(source, hf)
 
 
-def _rope_parameters(meta: dict[str, Any], arch: str, head_dim: int) -> dict[str, Any]:
-    """HF ``rope_parameters`` from ``{arch}.rope.*`` (llama.cpp writes none/linear/yarn scaling)."""
-    params: dict[str, Any] = {"rope_type": "default",
-                              "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0))}
-    rotary = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+def _rope_parameters(meta: dict[str, Any], arch: str, head_dim: int, source: Any,
+                     rope_freqs: list[float] | None = None) -> dict[str, Any]:
+    """HF ``rope_parameters`` from ``{arch}.rope.*`` (llama.cpp writes none/linear/yarn scaling) and the
+    ``rope_freqs`` tensor (Llama 3 bands), checked; read as llama.cpp reads them (``RopeConfig.from_gguf``:
+    the YaRN attention factor, Llama 3's factors recovered from the tensor)."""
+    checked = _checked_rope_parameters(meta, arch, head_dim, source)
+    tensors = {} if rope_freqs is None else {"rope_freqs.weight": rope_freqs}
+    try:
+        rope = RopeConfig.from_gguf({**meta, f"{arch}.attention.key_length": head_dim}, tensors)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    params = rope.to_hf()["rope_parameters"]
+    params.setdefault("partial_rotary_factor", checked.get("partial_rotary_factor", 1.0))
+    return params
+
+
+def _checked_rope_parameters(meta: dict[str, Any], arch: str, head_dim: int, source: Any) -> dict[str, Any]:
+    """The ``{arch}.rope.*`` keys checked one by one (each error names its key)."""
+    key = f"{arch}.rope."
+    theta = checks.check_float(source, key + "freq_base", meta.get(key + "freq_base", 10000.0), 1.0)
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    rotary = checks.check_int(source, key + "dimension_count", meta.get(key + "dimension_count", head_dim),
+                              head_dim, low=2)
+    if rotary % 2:
+        raise checks.fail(source, key + "dimension_count", rotary, "must be even (rope rotates pairs of channels)")
     params["partial_rotary_factor"] = rotary / head_dim
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    factor = meta.get(f"{arch}.rope.scaling.factor")
+    scaling = meta.get(key + "scaling.type", "none")
+    factor = meta.get(key + "scaling.factor")
+    if scaling is not None and (not isinstance(scaling, str) or scaling not in ("none", "linear", "yarn")):
+        raise checks.fail(source, key + "scaling.type", scaling, "unsupported GGUF rope scaling type "
+                                                                 "(known: none, linear, yarn)")
+    if factor is not None:
+        factor = checks.check_float(source, key + "scaling.factor", factor, 0.0, low_open=False)
     if scaling in ("none", None) or factor in (None, 0.0, 1.0):
         return params
-    if scaling not in ("linear", "yarn"):
-        raise ValueError(f"unsupported GGUF rope scaling type {scaling!r} (known: none, linear, yarn)")
-    params.update(rope_type=scaling, factor=float(factor))
-    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    params.update(rope_type=scaling,
+                  factor=checks.check_float(source, key + "scaling.factor", factor, 1.0, low_open=False))
+    original = meta.get(key + "scaling.original_context_length")
     if scaling == "yarn" and original is not None:
-        params["original_max_position_embeddings"] = int(original)
+        params["original_max_position_embeddings"] = checks.check_int(
+            source, key + "scaling.original_context_length", original, checks.MAX_CONTEXT)
     return params
 
 
@@ -164,10 +183,10 @@ def reverse_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
     return w.swapaxes(2, 1).reshape(weight.shape)  # [H, 2, D/2, C] -> [H*D, C]: halves i, i+D/2
 
 
-def gguf_state_dict(reader, config: LlamaConfig) -> dict[str, torch.Tensor]:
+def gguf_state_dict(gguf_file: GGUFFile, config: LlamaConfig) -> dict[str, torch.Tensor]:
     """All tensors as float32 torch tensors under our parameter names, q/k un-permuted."""
     state = {}
-    for tensor in reader.tensors:
+    for tensor in gguf_file.tensors:
         name = _our_name(tensor.name)
         if name is None:
             raise ValueError(f"unexpected tensor {tensor.name!r} in a llama GGUF")
@@ -184,26 +203,76 @@ def _our_name(gguf_name: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")  # blk.{i}.{kind}.weight
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isascii() and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
     return None
+
+
+def check_tensors(gguf_file: GGUFFile, config: LlamaConfig) -> None:
+    """The file's tensors are exactly the ones ``config`` implies, each of its shape and of a type we
+    de-quantize (``rope_freqs.weight`` excepted); the token list matches the embedding rows."""
+    path, meta = gguf_file.path, gguf_file.metadata
+    ours = {}
+    for tensor in gguf_file.tensors:
+        name = _our_name(tensor.name)
+        if name is None or name in ours:
+            raise checks.fail(path, f"tensor {tensor.name}", list(tensor.shape), "not a tensor of a llama GGUF")
+        if tensor.tensor_type.name not in SUPPORTED_TYPES:
+            raise checks.fail(path, f"tensor {tensor.name} type", tensor.tensor_type.name,
+                              f"unsupported quantization type; supported: {', '.join(SUPPORTED_TYPES)}")
+        ours[name] = tensor
+    arch = meta["general.architecture"]
+    checks.check_layer_count(path, f"{arch}.block_count", config.num_hidden_layers, list(ours))
+    checks.check_tensor_shapes(path, config, {n: tuple(reversed(t.shape)) for n, t in ours.items()},
+                               label=lambda n: ours[n].name if n in ours else _gguf_name(n))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) != config.vocab_size:
+        raise checks.fail(path, "tokenizer.ggml.tokens (count)", len(tokens),
+                          f"must equal the vocabulary size {config.vocab_size} (token_embd.weight rows)")
+
+
+def _gguf_name(our_name: str) -> str:
+    """Our parameter name -> llama.cpp's tensor name."""
+    for gguf_name, ours in _GLOBAL_NAMES.items():
+        if ours == our_name:
+            return gguf_name
+    _, index, rest = our_name.split(".", 2)
+    module, kind = rest.rsplit(".", 1)
+    short = next(g for g, o in _LAYER_NAMES.items() if o == module)
+    return f"blk.{index}.{short}.{kind}"
+
+
+def _rope_freqs_values(path, tensor) -> list[float]:
+    """``rope_freqs.weight`` as floats: an F32 vector of one divisor per rotated pair."""
+    if tensor.tensor_type.name != "F32" or len(tensor.shape) != 1:
+        raise checks.fail(path, "tensor rope_freqs.weight", f"{tensor.tensor_type.name} {list(tensor.shape)}",
+                          "must be an F32 vector (one divisor per rotated pair)")
+    values = np.frombuffer(bytes(tensor.data), dtype="<f4")
+    if not np.isfinite(values).all() or (values <= 0).any():
+        raise checks.fail(path, "tensor rope_freqs.weight", "non-finite or non-positive entries",
+                          "every divisor must be finite and > 0")
+    return values.astype(float).tolist()
 
 
 def read_gguf(path: str | os.PathLike, *, has_rope_override: bool = False
               ) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """``(config, float32 state dict, metadata)`` of a llama GGUF file.
+    """``(config, float32 state dict, metadata)`` of a llama GGUF file, everything checked before a
+    tensor is read.
 
-    Llama 3.1 GGUFs store their rope as per-frequency factors (``rope_freqs.weight``) that do not
-    map back to a rope type; such a file loads only with an explicit rope override.
+    Llama 3.x GGUFs store their rope as per-frequency divisors (``rope_freqs.weight``): they are read
+    back as ``llama3`` with its factor, band edges and trained length (or refused, naming the tensor,
+    when no Llama 3 configuration produces them); an explicit rope override replaces them.
     """
-    reader = open_gguf(path)
-    meta = read_metadata(reader)
-    names = {t.name for t in reader.tensors}
+    gguf_file = open_gguf(path)
+    meta = read_metadata(gguf_file)
+    names = {t.name for t in gguf_file.tensors}
+    rope_freqs = None
     if "rope_freqs.weight" in names:
+        tensor = next(t for t in gguf_file.tensors if t.name == "rope_freqs.weight")
         if not has_rope_override:
-            raise ValueError(f"{path} stores per-frequency rope factors (rope_freqs.weight, as "
-                             "Llama 3.1 GGUFs do); pass the model's rope explicitly, "
-                             "e.g. rope='llama3:factor=8,...'")
-        reader.tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
-    config = llama_config_from_metadata(meta, tie_word_embeddings="output.weight" not in names)
-    return config, gguf_state_dict(reader, config), meta
+            rope_freqs = _rope_freqs_values(path, tensor)
+        gguf_file.tensors = [t for t in gguf_file.tensors if t.name != "rope_freqs.weight"]
+    config = llama_config_from_metadata(meta, tie_word_embeddings="output.weight" not in names, source=path,
+                                        rope_freqs=rope_freqs)
+    check_tensors(gguf_file, config)
+    return config, gguf_state_dict(gguf_file, config), meta

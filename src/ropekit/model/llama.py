@@ -15,6 +15,7 @@ float32 whatever the weights' dtype (bfloat16 weights are widened exactly inside
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -56,6 +57,14 @@ class LlamaConfig:
     attention_bias: bool = False
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LlamaConfig {name} must be an integer >= 1, got {value!r}")
+        eps = self.rms_norm_eps
+        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps <= 1:
+            raise ValueError(f"LlamaConfig rms_norm_eps must be a finite number in (0, 1], got {eps!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
@@ -70,7 +79,8 @@ class LlamaConfig:
         return cls(
             vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
             intermediate_size=int(hf["intermediate_size"]), num_hidden_layers=int(hf["num_hidden_layers"]),
-            num_attention_heads=heads, num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            num_attention_heads=heads,
+            num_key_value_heads=heads if hf.get("num_key_value_heads") is None else int(hf["num_key_value_heads"]),
             head_dim=head_dim, rope=RopeConfig.from_hf({**hf, "head_dim": head_dim}),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),

@@ -144,8 +144,9 @@ def to_gguf(rc: RopeConfig, arch: str = "llama") -> dict[str, Any]:
         attn = _yarn_file_attn_factor(rc)
         if attn is not None:
             out[f"{prefix}.scaling.attn_factor"] = float(attn)
-    elif kind == "llama3":
+    elif kind == "llama3":  # llama.cpp reads only the tensor; the length lets readers recover the bands exactly
         out[f"{prefix}.scaling.type"] = "none"
+        out[f"{prefix}.scaling.original_context_length"] = int(p.original_max_position_embeddings)
         out["rope_freqs.weight"] = llama3_freq_factors(rc)
     elif kind == "longrope":
         out.update({f"{prefix}.scaling.type": "longrope",
@@ -164,13 +165,21 @@ def _meta(metadata: Mapping, key: str, default: Any = None) -> Any:
     return value
 
 
-def _infer_llama3(factors: Sequence[float], base: float, rotary_dim: int, original: int | None) -> dict[str, Any]:
+def _infer_llama3(factors: Sequence[float], base: float, rotary_dim: int, original: int | None,
+                  context: int | None = None) -> dict[str, Any]:
     """The Llama 3 parameters that produce ``factors`` (a ``rope_freqs`` tensor): factor = the largest entry;
     the trained length and band edges are searched among the values Meta's configs use and checked by
     recomputing the tensor."""
     values = [float(v) for v in factors]
+    if len(values) != rotary_dim // 2:
+        raise ValueError(f"GGUF tensor rope_freqs.weight has {len(values)} entries; the rope rotates {rotary_dim} "
+                         f"channels, so it must have {rotary_dim // 2}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError("GGUF tensor rope_freqs.weight must hold finite divisors > 0")
     factor = max(values)
     lengths = [original] if original else [2**k for k in range(10, 18)]
+    if not original and context:
+        lengths.insert(0, int(round(context / factor)))
     # band edges only depend on L/low and L/high: search Meta's low_freq_factor 1 first
     for low in (1.0, 0.5, 2.0):
         for length in lengths:
@@ -206,7 +215,7 @@ def from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Sequence[float]
     factor = _meta(metadata, f"{p}.scaling.factor")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
     if "rope_freqs.weight" in tensors:
-        rope = _infer_llama3(tensors["rope_freqs.weight"], theta, rotary, original)
+        rope = _infer_llama3(tensors["rope_freqs.weight"], theta, rotary, original, ctx)
     elif kind == "longrope" or "rope_factors_long.weight" in tensors:
         rope = {"rope_type": "longrope", "rope_theta": theta,
                 "long_factor": [float(v) for v in tensors.get("rope_factors_long.weight", [])],
