@@ -266,7 +266,7 @@ def test_parse_extension(spec, rope, attention):
     ("rerope:window=64,logn=maybe", "'logn' must be true or false"),
     ("yarn:factor=2,factor=3", "key 'factor' is given twice"),
     ("yarn:factor=2,beta_fast=0", r"'beta_fast'=0 is out of range \(0.0"),
-    ("ntk:factor=1e308", None),  # valid (finite): parses, and fails nowhere silently
+    ("ntk:factor=1e308", r"'factor'=1e\+308 is out of range \[1.0, 1048576.0\]"),  # finite, but no NTK base would be
     ("ntk:factor=1e400", "'factor' must be finite"),
     ("yarn:factor=2+", "empty part"),
 ])

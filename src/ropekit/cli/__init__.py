@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
+import warnings
 
 DESCRIPTION = ("ropekit: rotary position embeddings (RoPE) for LLaMA-family models, and running them past "
                "the context length they were trained on. Compare context-extension methods (YaRN, "
@@ -40,20 +43,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: stop like Ctrl-C (finished cells are already stored), exit 143."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line (an OSError without its own message says what and where)."""
+    text = str(err) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return " ".join(text.split())
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"ropekit: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.formatwarning = _one_line_warning  # warnings on the command line are one line each
+    previous = signal.signal(signal.SIGTERM, _terminated) if _main_thread() else None
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"ropekit {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input: a bad argument, file or output folder
+        if isinstance(err, BrokenPipeError):  # the reader went away (ropekit ... | head): stop quietly
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes stdout at exit)
+            return 0
+        print(f"ropekit {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"ropekit {args.command}: error: out of memory (a smaller length, batch or --max-new-tokens may fit)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (ropekit ... | head): stop quietly
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes stdout at exit)
-        return 0
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

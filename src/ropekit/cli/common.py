@@ -14,6 +14,9 @@ def add_model(parser: argparse.ArgumentParser) -> None:
                         help=f"a .gguf file, an HF folder, or {DEFAULT_MODEL!r} (default: SmolLM2-135M-Instruct)")
 
 
+MAX_THREADS = 1024
+
+
 def add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -22,8 +25,8 @@ def apply_threads(args: argparse.Namespace) -> None:
     """Set torch's CPU threads from ``--threads`` (ValueError below 1)."""
     if getattr(args, "threads", None) is None:
         return
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not 1 <= args.threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     import torch
 
     torch.set_num_threads(args.threads)

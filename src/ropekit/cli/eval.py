@@ -22,6 +22,8 @@ from ropekit.cli.common import (
     command_line,
 )
 
+MAX_TRIALS = 10_000  # seeded keys per cell; passkey protocols use 5-100
+
 
 def add_common(p: argparse.ArgumentParser) -> None:
     add_model(p)
@@ -95,8 +97,8 @@ def run_perplexity(args) -> int:
     from ropekit.eval.text import encode_text, load_text, text_name, text_sha256
 
     methods, lengths, out = setup(args)
-    if args.segment < 1:
-        raise ValueError(f"--segment must be >= 1, got {args.segment}")
+    if not 1 <= args.segment < 2**31:
+        raise ValueError(f"--segment must be in [1, 2**31), got {args.segment}")
     if args.max_tokens is not None:
         check_max_tokens(args.max_tokens)  # before loading the model
     store = ResultStore(out / "results.json")
@@ -121,8 +123,8 @@ def run_passkey(args) -> int:
 
     methods, lengths, out = setup(args)
     depths = parse_float_list(args.depths, "--depths")
-    if args.trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    if not 1 <= args.trials <= MAX_TRIALS:
+        raise ValueError(f"--trials must be in [1, {MAX_TRIALS}], got {args.trials}")
     store = ResultStore(out / "results.json")
     runner = load(args)
     sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),

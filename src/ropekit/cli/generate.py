@@ -108,7 +108,13 @@ def _generate_transformers(args: argparse.Namespace, spec) -> int:
     from ropekit.eval.runners import load_transformers
     from ropekit.hf import patch
     from ropekit.loading import load_tokenizer, parse_device, parse_dtype
-    from ropekit.model.generate import TextStream, check_sampling, prepare_prompt
+    from ropekit.model.generate import (
+        TextStream,
+        check_generation_fits,
+        check_sampling,
+        prepare_prompt,
+        warn_long_prompt,
+    )
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     tokenizer = load_tokenizer(args.model)
@@ -119,6 +125,9 @@ def _generate_transformers(args: argparse.Namespace, spec) -> int:
         print(f"ropekit generate: transformers {type(model).__name__}, attention implementation "
               f"{model.config._attn_implementation}, spec {spec or 'the model own'}", file=sys.stderr)
     ids = prepare_prompt(tokenizer, args.prompt, args.chat)
+    if args.max_new_tokens:
+        check_generation_fits(model.config, len(ids), args.max_new_tokens, next(model.parameters()).dtype)
+        warn_long_prompt(model, len(ids))
     stop = tokenizer.stop_token_ids
     stream = TextStream(tokenizer)
 

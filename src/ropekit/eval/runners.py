@@ -18,6 +18,7 @@ same text gives the same tokens on both backends.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from ropekit.eval.perplexity import LOGIT_CHUNK, window_nll
 from ropekit.model.attention import apply_extension
-from ropekit.model.generate import generate_ids
+from ropekit.model.generate import LongPromptWarning, generate_ids
 from ropekit.rope import RopeConfig
 
 BACKENDS = ("ropekit", "transformers")
@@ -50,6 +51,14 @@ class EngineRunner:
         self.trained_length = int(rope.original_max_position_embeddings or model.config.max_position_embeddings)
 
     @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
     def identity(self) -> dict[str, Any]:
         weight = self.model.embed_tokens.weight
         return {"model_id": self.model_id, "dtype": _dtype_name(weight.dtype), "device": weight.device.type,
@@ -63,8 +72,10 @@ class EngineRunner:
         return window_nll(self.model, ids, on_layer=on_layer)
 
     def greedy(self, ids: list[int], max_new_tokens: int, on_prefill_layer=None) -> list[int]:
-        return [int(t[0]) for t in generate_ids(self.model, [ids], max_new_tokens=max_new_tokens,
-                                                on_prefill_layer=on_prefill_layer)]
+        with warnings.catch_warnings():  # long prompts are what the lab measures
+            warnings.simplefilter("ignore", LongPromptWarning)
+            return [int(t[0]) for t in generate_ids(self.model, [ids], max_new_tokens=max_new_tokens,
+                                                    on_prefill_layer=on_prefill_layer)]
 
 
 class TransformersRunner:
@@ -82,6 +93,14 @@ class TransformersRunner:
         max_len = getattr(model.config, "max_position_embeddings", None)
         self.trained_length = int(self.base_rope.original_max_position_embeddings or max_len)
         self._layers = _decoder_layers(model)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     @property
     def identity(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ switched between specs with ``apply_extension`` from its own (loaded) rope.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,10 @@ from ropekit.eval.perplexity import evaluate_perplexity, plan_windows
 from ropekit.eval.results import ResultStore
 from ropekit.eval.runners import as_runner
 from ropekit.extension import parse_extension
+from ropekit.model.generate import MAX_POSITIONS
+from ropekit.model.memory import request_bytes
 from ropekit.progress import Progress
+from ropekit.resources import check_fits
 
 
 def trained_length(model) -> int:
@@ -38,8 +42,8 @@ def check_methods(methods: Sequence[str]) -> list[str]:
 
 def check_max_tokens(max_tokens: int) -> None:
     """--max-tokens: at least one scored token needs two."""
-    if max_tokens < 2:
-        raise ValueError(f"--max-tokens must be >= 2, got {max_tokens}")
+    if not 2 <= max_tokens < MAX_POSITIONS:
+        raise ValueError(f"--max-tokens must be in [2, 2**31), got {max_tokens}")
 
 
 class Sweeper:
@@ -61,6 +65,13 @@ class Sweeper:
         self.trained = self.runner.trained_length
         self.layers = self.runner.num_layers
 
+    def check_lengths(self, lengths: Sequence[int], *, cache: bool) -> None:
+        """Refuse, before any cell runs, a length whose forward pass (and, with ``cache``, KV cache)
+        cannot fit in memory."""
+        for n in lengths:
+            check_fits(f"--lengths {n}: one pass over {n} tokens{' with its KV cache' if cache else ''}",
+                       request_bytes(self.runner.config, int(n), self.runner.dtype, cache=cache))
+
     def _use(self, spec: str) -> dict:
         return self.runner.use(spec)
 
@@ -75,6 +86,7 @@ class Sweeper:
         if max_tokens is not None:
             check_max_tokens(max_tokens)
             tokens = tokens[:max_tokens]
+        self.check_lengths(lengths, cache=False)
         out = []
         for spec, length in [(m, n) for m in methods for n in lengths]:
             cell = {"task": "perplexity", "model": self.model_name, **self.identity, "text": text,
@@ -100,6 +112,7 @@ class Sweeper:
 
     def passkey(self, methods: Sequence[str], lengths: Sequence[int], depths: Sequence[float], *,
                 trials: int, seed: int) -> list[dict]:
+        self.check_lengths(lengths, cache=True)
         out = []
         for spec, length, depth in [(m, n, d) for m in methods for n in lengths for d in depths]:
             cell = {"task": "passkey", "model": self.model_name, **self.identity, "method": spec,
@@ -123,13 +136,25 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _whole_number(text: str) -> int:
+    """'16384', '16_384', '1.6e4', '16k' -> 16384; anything else (fractions, inf, nan) raises ValueError."""
+    text = text.strip().lower().replace("_", "")
+    scale = 1024 if text.endswith("k") else 1
+    value = float(text.removesuffix("k"))
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(text)
+    return int(value) * scale
+
+
 def parse_int_list(text: str, name: str) -> list[int]:
+    """Comma-separated token counts in [2, 2**31) (``16k`` = 16384, ``1e4`` = 10000)."""
     try:
-        values = [int(float(v)) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < 2 for v in values):
-        raise ValueError(f"{name} must be integers >= 2, got {text!r}")
+        values = [_whole_number(v) for v in str(text).split(",") if v.strip()]
+    except (ValueError, OverflowError):
+        raise ValueError(f"{name} must be comma-separated whole numbers of tokens in [2, 2**31), got "
+                         f"{text!r}") from None
+    if not values or any(not 2 <= v < MAX_POSITIONS for v in values):
+        raise ValueError(f"{name} must be whole numbers of tokens in [2, 2**31), got {text!r}")
     return values
 
 

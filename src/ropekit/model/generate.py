@@ -7,13 +7,24 @@ next position of its row, attending to the cached keys.
 
 from __future__ import annotations
 
+import math
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ropekit.kernels.decode import DECODE_OPS
 from ropekit.model.kv_cache import KVCache
+from ropekit.model.memory import request_bytes
+from ropekit.resources import available_memory, check_fits
 from ropekit.rope.dispatch import use_backend
+
+MAX_POSITIONS = 2**31  # positions are int32 in the fused kernels; a cache longer than this cannot be addressed
+
+
+class LongPromptWarning(UserWarning):
+    """A prompt longer than the model's trained context (the lab's use case: warned once, not an error)."""
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
@@ -23,9 +34,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | 
     temperature 0 is greedy (argmax). Otherwise logits / temperature, then top-k, then top-p
     (the smallest set of tokens whose probability reaches ``top_p``), then a draw.
     """
-    if temperature <= 0.0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, and temperatures float32 cannot hold: the greedy limit
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # <= 0: -inf at worst, never NaN
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -47,14 +59,49 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(max_new_tokens, int) or not 0 <= max_new_tokens < MAX_POSITIONS:
+        raise ValueError(f"max_new_tokens must be an integer in [0, 2**31), got {max_new_tokens!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and not 0.0 < top_p <= 1.0:  # NaN fails this too
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+def check_generation_fits(config, prompt_tokens: int, max_new_tokens: int, dtype: torch.dtype,
+                          batch_size: int = 1) -> None:
+    """Refuse, before allocating, a generation whose KV cache and prompt pass cannot fit in memory
+    (``config``: a ``LlamaConfig`` or transformers config)."""
+    total = prompt_tokens + max_new_tokens
+    if total > MAX_POSITIONS:
+        raise ValueError(f"max_new_tokens={max_new_tokens} with a {prompt_tokens}-token prompt: {total} positions, "
+                         f"more than the 2**31 a cache can address")
+    available = available_memory()
+    needed = request_bytes(config, total, dtype, batch_size=batch_size)
+    if available is None or needed <= available:
+        return
+    per_token = max(1, request_bytes(config, 1, dtype, batch_size=batch_size))
+    fit = max(0, available // per_token - prompt_tokens)
+    check_fits(f"max_new_tokens={max_new_tokens} with a {prompt_tokens}-token prompt (batch {batch_size}): a KV "
+               f"cache of {total} tokens", needed, f"at most about {fit} new tokens fit")
+
+
+_WARNED_MODELS: weakref.WeakSet = weakref.WeakSet()
+
+
+def warn_long_prompt(model, prompt_tokens: int) -> None:
+    """Warn once per model when a prompt passes its trained context (``model``: a ``LlamaModel`` or a
+    transformers model)."""
+    config = model.config
+    rope = getattr(config, "rope", None)
+    trained = (getattr(rope, "original_max_position_embeddings", None)
+               or getattr(config, "max_position_embeddings", None))
+    if not trained or prompt_tokens <= trained or model in _WARNED_MODELS:
+        return
+    _WARNED_MODELS.add(model)
+    warnings.warn(f"the prompt has {prompt_tokens} tokens, more than the model's trained context of {trained}: "
+                  "past it the output depends on the extension method (--method)", LongPromptWarning, stacklevel=3)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +143,11 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
                          f"({capacity} tokens)")
     if max_new_tokens == 0:
         return
+    check_generation_fits(model.config, input_ids.shape[1], capacity - input_ids.shape[1],
+                          model.embed_tokens.weight.dtype, input_ids.shape[0])
+    warn_long_prompt(model, input_ids.shape[1])
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sample = lambda logits: sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,  # noqa: E731
                                         generator=generator)

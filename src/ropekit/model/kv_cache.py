@@ -17,6 +17,8 @@ import math
 import torch
 
 from ropekit.kernels.decode import decode_attention
+from ropekit.model.memory import kv_cache_bytes
+from ropekit.resources import check_fits
 
 
 class KVCache:
@@ -30,6 +32,9 @@ class KVCache:
                  *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         if max_len < 1:
             raise ValueError(f"KVCache max_len must be >= 1, got {max_len}")
+        check_fits(f"a KV cache of {max_len} slots (batch {batch_size}, {num_layers} layers, {num_kv_heads} kv heads x "
+                   f"{head_dim}, {dtype})", kv_cache_bytes(num_layers, batch_size, num_kv_heads, head_dim, max_len,
+                                                           dtype))
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)

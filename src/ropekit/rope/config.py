@@ -320,7 +320,7 @@ def _parse_hf(config: Mapping) -> RopeConfig:
     rope_type = canonical_rope_type(raw.get("rope_type", raw.get("type", "default")))
     head_dim = _head_dim(config)
     theta = raw.get("rope_theta", config.get("rope_theta", 10000.0))
-    theta = check_number("rope_theta", theta, low=1.0, low_open=True)
+    theta = check_number("rope_theta", theta, low=1.0, low_open=True, high=1e12)  # real models: 1e4-1e8
     partial = raw.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     partial = check_number("partial_rotary_factor", partial, low=0.0, high=1.0, low_open=True)
     rotary_dim = int(head_dim * partial)

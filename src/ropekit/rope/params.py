@@ -86,9 +86,13 @@ class FactorList:
         return tuple(check_number(f"{key}[{i}]", v, low=0.0, low_open=True, what=what) for i, v in enumerate(value))
 
 
-FACTOR = Number(low=1.0)
+# Bounds far past any real model (factors of 4-128, lengths up to 10M tokens), low enough that every
+# derived quantity (an NTK base b * s^(d/(d-2)), an angle p * theta) stays a finite float64.
+MAX_FACTOR = 2.0**20
+MAX_LENGTH = 2**31
+FACTOR = Number(low=1.0, high=MAX_FACTOR)
 POSITIVE = Number(low=0.0, low_open=True)
-LENGTH = Number(low=1, integer=True)
+LENGTH = Number(low=1, high=MAX_LENGTH, integer=True)
 
 
 def _warn_unknown_keys(rope_type: str, raw: Mapping, known: set[str]) -> None:
@@ -152,7 +156,7 @@ def _factor(values: dict, default: float | None = None) -> float:
     if "factor" in values:
         return values["factor"]
     if default is None:
-        raise ValueError("rope key 'factor' is required, allowed range [1, inf)")
+        raise ValueError("rope key 'factor' is required, allowed range [1, 1048576.0]")
     return default
 
 
@@ -165,7 +169,7 @@ def _original_length(values: dict, context: dict, required: bool = True) -> int 
         if required:
             raise ValueError(
                 f"rope_type {context['rope_type']!r} needs 'original_max_position_embeddings' (or the model's "
-                "'max_position_embeddings'), an integer in [1, inf); neither was given")
+                "'max_position_embeddings'), an integer in [1, 2**31]; neither was given")
         return None
     return LENGTH.check("original_max_position_embeddings", value)
 
@@ -224,7 +228,7 @@ class NtkParams(MethodParams):
             raise ValueError(f"rope_type 'ntk' takes 'factor' or 'alpha' (synonyms), got factor={factor} "
                              f"and alpha={alpha}")
         if factor is None and alpha is None:
-            raise ValueError("rope_type 'ntk' needs 'factor' (or 'alpha'), a number in [1, inf)")
+            raise ValueError("rope_type 'ntk' needs 'factor' (or 'alpha'), a number in [1, 1048576.0]")
         return cls(factor=factor if factor is not None else alpha)
 
 
