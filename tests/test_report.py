@@ -308,3 +308,45 @@ def test_write_outputs_writes_both_plots(tmp_path):
     files = report.write_outputs(tmp_path, synthetic_records() + passkey_records())
     assert is_png(files["perplexity_plot"]) and is_png(files["passkey_plot"])
     assert "![perplexity](perplexity.png)" in files["report"].read_text()
+
+
+def test_passkey_table_gives_counts_and_the_wilson_interval_per_task():
+    records = [{"task": "passkey", "method": "none", "length": 100, "depth": d, "correct": c, "trials": 5}
+               for d, c in ((0.1, 3), (0.9, 0))]
+    records.append({"task": "passkey", "method": "none", "length": 100, "depth": 0.1, "correct": 1, "trials": 2,
+                    "keys": 4, "jitter": 0.05})
+    rows = report.passkey_table(records).splitlines()
+    # 3/10 pooled over the depths: Wilson 95% [0.1078, 0.6032]; 1/2: [0.0945, 0.9055]
+    assert rows[2] == "| `none` | 30% (3/10; 11-60%) |"
+    assert rows[3] == "| `none (4 keys, jitter 0.05)` | 50% (1/2; 9-91%) |"
+
+
+def test_passkey_figure_has_one_heatmap_per_method_and_task_and_no_empty_panel():
+    records = [{"task": "passkey", "method": m, "length": n, "depth": d, "correct": 2, "trials": 3,
+                **({"keys": k} if k > 1 else {})}
+               for m in ("none", "yarn:factor=4", "self-extend:group=4,window=16") for k in (1, 3)
+               for n in (100, 200) for d in (0.1, 0.5)]
+    records = records[:-1]  # one cell of the last panel has no record
+    fig = report.passkey_figure(records)
+    heatmaps = [ax for ax in fig.axes if ax.get_images()]
+    assert len(heatmaps) == 6 and len(fig.axes) == 7  # six panels on two rows of four, the colour bar; none empty
+    texts = [t.get_text() for t in heatmaps[-1].texts]
+    assert texts.count("67%\n2/3") == 3 and texts.count("-") == 1
+    colours = {tuple(ax.spines["top"].get_edgecolor()) for ax in heatmaps}
+    assert len(colours) == 3  # one frame colour per method
+    assert fig.legends and [t.get_text() for t in fig.legends[0].get_texts()] == \
+        ["none", "yarn:factor=4", "self-extend:group=4,window=16"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_csv_rows_carry_the_passkey_task_and_interval(tmp_path):
+    import csv
+
+    records = [{"task": "passkey", "method": "none", "length": 100, "depth": 0.5, "correct": 0, "trials": 10,
+                "accuracy": 0.0}]
+    report.write_csv(records, tmp_path / "r.csv")
+    (row,) = csv.DictReader(open(tmp_path / "r.csv"))
+    assert row["keys"] == "1" and row["jitter"] == "0.0" and row["ci95_low"] == "0.0"
+    assert float(row["ci95_high"]) == pytest.approx(0.2775, abs=1e-4)

@@ -43,6 +43,13 @@ class Progress:
         if self._bar is not None:
             self._bar.set_description(desc)
 
+    def add_total(self, n: int) -> None:
+        """``n`` more steps than planned (a step that turned out to need an extra pass)."""
+        self.total += max(int(n), 0)
+        if self._bar is not None:
+            self._bar.total = self.total
+            self._bar.refresh()
+
     def update(self, n: int = 1) -> None:
         self.done += n
         if self._bar is not None:

@@ -64,6 +64,15 @@ def add_parsers(subparsers) -> None:
     key.add_argument("--depths", default="0.1,0.5,0.9", help="key depths in [0, 1] (default 0.1,0.5,0.9)")
     key.add_argument("--trials", type=int, default=5, help="seeded trials per cell (default 5)")
     key.add_argument("--seed", type=int, default=0, help="seed of the random 5-digit keys (default 0)")
+    key.add_argument("--keys", type=int, default=1, metavar="K",
+                     help="keys per prompt (default 1): K > 1 is the multi-key task, K tagged keys in the filler, "
+                          "the question asks for the one at --depths, the others at seeded random depths")
+    key.add_argument("--jitter", type=float, default=0.0, metavar="J",
+                     help="per-trial jitter of the asked key's depth, uniform in +-J (default 0: every trial at "
+                          "the cell's depth)")
+    key.add_argument("--no-share-prefix", action="store_true",
+                     help="run every trial's prompt whole (default: the trials' common first tokens run once "
+                          "and each trial continues from a copy of that KV cache)")
     key.set_defaults(func=run_passkey, lengths_default="4096,8192")
 
 
@@ -117,6 +126,7 @@ def run_perplexity(args) -> int:
 
 
 def run_passkey(args) -> int:
+    from ropekit.eval.passkey import check_task
     from ropekit.eval.report import passkey_table, write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, parse_float_list
@@ -125,11 +135,13 @@ def run_passkey(args) -> int:
     depths = parse_float_list(args.depths, "--depths")
     if not 1 <= args.trials <= MAX_TRIALS:
         raise ValueError(f"--trials must be in [1, {MAX_TRIALS}], got {args.trials}")
+    check_task(args.keys, args.jitter)
     store = ResultStore(out / "results.json")
     runner = load(args)
     sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),
                       show_progress=not args.no_progress, log=log)
-    records = sweeper.passkey(methods, lengths, depths, trials=args.trials, seed=args.seed)
+    records = sweeper.passkey(methods, lengths, depths, trials=args.trials, seed=args.seed, keys=args.keys,
+                              jitter=args.jitter, share_prefix=not args.no_share_prefix)
     write_outputs(out, store.records, title="ropekit eval passkey", command=command_line())
     print(passkey_table(records))
     print(f"\nwrote {out}/results.json, results.csv, passkey.png, report.md")

@@ -28,20 +28,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ropekit.eval.stats import wilson_interval
+
 CSV_FIELDS = ("task", "method", "length", "depth", "protocol", "ppl", "ppl_in_window", "ppl_beyond",
-              "tokens_scored", "accuracy", "trials", "seconds", "peak_mem_mb", "rope", "attention")
+              "tokens_scored", "accuracy", "trials", "keys", "jitter", "ci95_low", "ci95_high", "seconds",
+              "peak_mem_mb", "rope", "attention")
 
 
 def _f(x, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _csv_row(r: dict) -> dict:
+    row = {k: r.get(k) for k in CSV_FIELDS}
+    if r.get("task") == "passkey" and r.get("trials"):
+        row["ci95_low"], row["ci95_high"] = (round(v, 4) for v in wilson_interval(r["correct"], r["trials"]))
+        row["keys"], row["jitter"] = r.get("keys", 1), r.get("jitter", 0.0)
+    return row
+
+
 def write_csv(records: Sequence[dict], path: str | os.PathLike) -> None:
+    """One row per record; passkey rows with their task (keys, jitter) and the accuracy's Wilson 95% interval."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in records:
-            writer.writerow({k: r.get(k) for k in CSV_FIELDS})
+            writer.writerow(_csv_row(r))
 
 
 def _methods(records: Sequence[dict]) -> list[str]:
@@ -76,22 +88,34 @@ def perplexity_table(records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def passkey_label(r: dict) -> str:
+    """The method, with the task when it is not the one-key task at fixed depth: ``m (4 keys, jitter 0.05)``."""
+    keys, jitter = r.get("keys", 1), r.get("jitter", 0.0)
+    tags = ([f"{keys} keys"] if keys != 1 else []) + ([f"jitter {jitter:g}"] if jitter else [])
+    return f"{r['method']} ({', '.join(tags)})" if tags else r["method"]
+
+
+def accuracy_cell(correct: int, trials: int) -> str:
+    """``60% (3/5; 23-88%)``: accuracy, counts and the Wilson 95% interval."""
+    low, high = wilson_interval(correct, trials)
+    return f"{correct / trials:.0%} ({correct}/{trials}; {100 * low:.0f}-{high:.0%})"
+
+
 def passkey_table(records: Sequence[dict]) -> str:
-    """Markdown table: rows = methods, columns = length (mean accuracy over depths)."""
+    """Markdown table: rows = method and task (``passkey_label``), columns = length; each cell the accuracy
+    pooled over depths (and seeds), its counts and its Wilson 95% interval."""
     lengths = sorted({r["length"] for r in records})
-    lines = ["| method | " + " | ".join(f"passkey @ {n}" for n in lengths) + " |",
+    lines = ["| method | " + " | ".join(f"passkey @ {n} (95% CI)" for n in lengths) + " |",
              "|---|" + "---:|" * len(lengths)]
-    for method in _methods(records):
+    for label in dict.fromkeys(passkey_label(r) for r in records):
         cells = []
         for n in lengths:
-            rs = [r for r in records if r["method"] == method and r["length"] == n]
+            rs = [r for r in records if passkey_label(r) == label and r["length"] == n]
             if rs:
-                correct = sum(r["correct"] for r in rs)
-                total = sum(r["trials"] for r in rs)
-                cells.append(f"{correct / total:.0%} ({correct}/{total})")
+                cells.append(accuracy_cell(sum(r["correct"] for r in rs), sum(r["trials"] for r in rs)))
             else:
                 cells.append("-")
-        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -598,47 +622,81 @@ def _figure_legend(fig, labels, styles, reference, working, trained) -> None:
                title="run (method)", title_fontsize=9)
 
 
-def passkey_grid(records: Sequence[dict], method: str, lengths: list[int], depths: list[float]) -> list[list[float]]:
-    """Accuracy [len(lengths)][len(depths)] of ``method``: correct / trials pooled over every record
-    of a cell (several seeds), NaN where there is none."""
-    counts: dict[tuple[int, float], list[int]] = {}
+def passkey_counts(records: Sequence[dict], label: str, lengths: list[int],
+                   depths: list[float]) -> list[list[tuple[int, int]]]:
+    """(correct, trials) [len(lengths)][len(depths)] of the records labelled ``label`` (``passkey_label``),
+    pooled over every record of a cell (several seeds); (0, 0) where there is none."""
+    grid = [[(0, 0)] * len(depths) for _ in lengths]
     for r in records:
-        if r["method"] == method:
-            acc = counts.setdefault((r["length"], r["depth"]), [0, 0])
-            acc[0], acc[1] = acc[0] + r["correct"], acc[1] + r["trials"]
-    grid = [[float("nan")] * len(depths) for _ in lengths]
-    for (length, depth), (correct, trials) in counts.items():
-        grid[lengths.index(length)][depths.index(depth)] = correct / trials
+        if passkey_label(r) == label:
+            i, j = lengths.index(r["length"]), depths.index(r["depth"])
+            grid[i][j] = (grid[i][j][0] + r["correct"], grid[i][j][1] + r["trials"])
     return grid
 
 
+def passkey_grid(records: Sequence[dict], method: str, lengths: list[int], depths: list[float]) -> list[list[float]]:
+    """Accuracy [len(lengths)][len(depths)] of ``method`` (a ``passkey_label``: the method itself for the
+    one-key task): correct / trials pooled over every record of a cell (several seeds), NaN where there is none."""
+    return [[c / t if t else float("nan") for c, t in row] for row in passkey_counts(records, method, lengths, depths)]
+
+
+PASSKEY_COLUMNS = 4  # heatmaps per row of the passkey figure
+
+
 def plot_passkey(records: Sequence[dict], path: str | os.PathLike, *, styles: dict[str, Style] | None = None) -> None:
-    """PNG: one accuracy heatmap (lengths x depths) per method, framed in the method's colour (``styles``:
-    method -> ``Style``, default ``series_styles`` over the methods; the perplexity plot's when shared)."""
+    """PNG of ``passkey_figure``."""
+    plt = _pyplot()
+    fig = passkey_figure(records, styles=styles)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def passkey_figure(records: Sequence[dict], *, styles: dict[str, Style] | None = None):
+    """A matplotlib figure: one accuracy heatmap (lengths x depths) per method and task (``passkey_label``), each
+    cell the accuracy and its trial count, framed in the method's colour (``styles``: method -> ``Style``,
+    default ``series_styles`` over the methods; the perplexity plot's when shared). ``PASSKEY_COLUMNS`` panels
+    per row, no empty panel; the colour scale on the right, the methods' colours in a legend below."""
+    import textwrap
+
+    from matplotlib.patches import Patch
+
     plt = _pyplot()
     methods = _methods(records)
     styles = {**series_styles(methods), **(styles or {})}
+    labels = list(dict.fromkeys(passkey_label(r) for r in records))
+    method_of = {passkey_label(r): r["method"] for r in records}
     lengths = sorted({r["length"] for r in records})
     depths = sorted({r["depth"] for r in records})
-    fig, axes = plt.subplots(1, len(methods), figsize=(2.2 + 1.0 * len(depths) * len(methods), 3.2),
-                             squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
-        grid = passkey_grid(records, method, lengths, depths)
+    cols = min(len(labels), PASSKEY_COLUMNS)
+    rows = math.ceil(len(labels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 + (0.75 * len(depths) + 0.9) * cols,
+                                                  (0.5 * len(lengths) + 1.9) * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    flat = axes.ravel().tolist()
+    for ax in flat[len(labels):]:
+        fig.delaxes(ax)  # no empty panels
+    image = None
+    for ax, label in zip(flat, labels, strict=False):
+        counts = passkey_counts(records, label, lengths, depths)
+        grid = [[c / t if t else float("nan") for c, t in row] for row in counts]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         for i in range(len(lengths)):
             for j in range(len(depths)):
-                if grid[i][j] == grid[i][j]:
-                    ax.text(j, i, f"{grid[i][j]:.0%}", ha="center", va="center", fontsize=8)
+                c, t = counts[i][j]
+                ax.text(j, i, f"{c / t:.0%}\n{c}/{t}" if t else "-", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set(xlabel="key depth", title=method)
-        ax.title.set_fontsize(8)
+        ax.set_xlabel("key depth", fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(label, 34)[:3]), fontsize=8)
         for spine in ax.spines.values():
-            spine.set(color=styles[method].color, linewidth=3)
-    axes[0][0].set_ylabel("prompt length (tokens)")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+            spine.set(color=styles[method_of[label]].color, linewidth=3)
+    for row in axes:
+        row[0].set_ylabel("prompt length (tokens)", fontsize=8)
+    fig.colorbar(image, ax=flat[:len(labels)], shrink=0.8, label="accuracy (cell: accuracy, correct/trials)")
+    handles = [Patch(facecolor="white", edgecolor=styles[m].color, linewidth=3, label=m) for m in methods]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False,
+               title="method (panel frame)", title_fontsize=8)
+    return fig
 
 
 def write_outputs(out_dir: str | os.PathLike, records: Sequence[dict], *, title: str = "ropekit evaluation",
@@ -668,9 +726,14 @@ def write_outputs(out_dir: str | os.PathLike, records: Sequence[dict], *, title:
         files["passkey_plot"] = out / "passkey.png"
         plot_passkey(keys, files["passkey_plot"], styles=styles)
         depths = sorted({r["depth"] for r in keys})
+        trials = sorted({r["trials"] for r in keys})
+        tasks = sorted({r.get("keys", 1) for r in keys})
+        multi = [k for k in tasks if k > 1]
         lines += ["## Passkey retrieval", "",
-                  f"Accuracy over depths {', '.join(f'{d:g}' for d in depths)} and {keys[0]['trials']} "
-                  f"seeded trials per cell (first integer in up to 10 greedy tokens equals the key).", "",
+                  f"Accuracy over depths {', '.join(f'{d:g}' for d in depths)} and {'/'.join(map(str, trials))} "
+                  f"seeded trials per cell (first integer in up to 10 greedy tokens equals the asked key"
+                  + (f"; {'/'.join(map(str, multi))} keys: tagged keys in the filler, the question names one"
+                     if multi else "") + "), with the Wilson 95% interval.", "",
                   passkey_table(keys), "", "![passkey](passkey.png)", ""]
     files["report"].write_text("\n".join(lines))
     return files

@@ -1,10 +1,10 @@
 """A results file that survives interruption: one JSON list, rewritten atomically per finished cell.
 
 Each finished cell (one method x length for perplexity, one method x length x depth for
-passkey) is appended and the whole list is written to a temporary file in the same folder,
-flushed, fsynced and moved over ``results.json`` with ``os.replace`` (atomic on POSIX): a crash
-leaves either the old or the new file, never half of one. A resumed sweep skips every cell
-whose key is already present.
+passkey, one measurement of one candidate for tune) is appended and the whole list is written to a
+temporary file in the same folder, flushed, fsynced and moved over ``results.json`` with
+``os.replace`` (atomic on POSIX): a crash leaves either the old or the new file, never half of
+one. A resumed sweep skips every cell whose key is already present.
 """
 
 from __future__ import annotations
@@ -16,17 +16,25 @@ from pathlib import Path
 from typing import Any
 
 # Every input that changes a cell's numbers, per task; a record matches a planned cell when all agree
-# (a field absent from an older record reads as None, so such a record matches no new cell).
+# (a field absent from an older record reads as its KEY_DEFAULTS value, else None, so such a record matches
+# no new cell unless the field was added later with the behaviour of before as its default).
 RUN_KEYS = ("model", "model_id", "dtype", "device", "backend")
 CELL_KEYS = {
     "perplexity": ("task", *RUN_KEYS, "text", "text_sha256", "method", "length", "protocol", "stride", "windows",
                    "max_tokens", "segment"),
-    "passkey": ("task", *RUN_KEYS, "method", "length", "depth", "trials", "seed"),
+    "passkey": ("task", *RUN_KEYS, "method", "length", "depth", "trials", "seed", "keys", "jitter"),
+    # ropekit tune: one measurement ("ppl" or "passkey") of one candidate spec on one split of the data
+    "tune": ("task", *RUN_KEYS, "measure", "method", "length", "split", "text_sha256", "window_start", "depths",
+             "trials", "seed", "keys"),
 }
+# Fields added to a task's key after records existed: their value in those records (one untagged passkey,
+# no depth jitter), so records written before them still resume.
+KEY_DEFAULTS = {"passkey": {"keys": 1, "jitter": 0.0}}
 
 
 def cell_key(record: dict[str, Any]) -> tuple:
-    return tuple(record.get(k) for k in CELL_KEYS[record["task"]])
+    defaults = KEY_DEFAULTS.get(record["task"], {})
+    return tuple(record.get(k, defaults.get(k)) for k in CELL_KEYS[record["task"]])
 
 
 class ResultStore:

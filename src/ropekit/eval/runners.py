@@ -6,6 +6,9 @@ A runner holds a loaded model and its tokenizer and offers what the protocols ne
   describe it (``{"rope": ..., "attention": ...}``);
 - ``window_nll(ids, on_layer) -> [T-1]``: the NLL of each token of one window, one forward;
 - ``greedy(ids, max_new_tokens, on_prefill_layer) -> list[int]``: greedy continuation with a cache;
+- ``shared_prefix_length(prompts) -> int`` and ``greedy_many(prompts, max_new_tokens, on_prefill_layer,
+  shared=...)``: several prompts, their first ``shared`` tokens run once when the runner can do that
+  exactly (the engine; transformers runs each prompt whole);
 - ``trained_length``, ``num_layers``, ``identity`` (what goes into every result's cell key:
   model file identity, dtype, device, backend).
 
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 
 from ropekit.eval.perplexity import LOGIT_CHUNK, window_nll
 from ropekit.model.attention import apply_extension
-from ropekit.model.generate import LongPromptWarning, generate_ids
+from ropekit.model.generate import LongPromptWarning, generate_ids, prefill
 from ropekit.rope import RopeConfig
 
 BACKENDS = ("ropekit", "transformers")
@@ -76,6 +79,46 @@ class EngineRunner:
             warnings.simplefilter("ignore", LongPromptWarning)
             return [int(t[0]) for t in generate_ids(self.model, [ids], max_new_tokens=max_new_tokens,
                                                     on_prefill_layer=on_prefill_layer)]
+
+    def shared_prefix_length(self, prompts: list[list[int]]) -> int:
+        """How many first tokens of ``prompts`` one cached pass can serve exactly: their common prefix, less
+        the one token each prompt must run itself (its logits pick the first answer token); 0 for fewer
+        than two prompts, or with a length-dependent rope type (dynamic, dynamic_yarn, longrope), whose
+        frequencies follow each pass's length, so a prefix run alone would be rotated differently."""
+        if len(prompts) < 2 or self.model.config.rope.is_dynamic:
+            return 0
+        return min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+
+    def greedy_many(self, prompts: list[list[int]], max_new_tokens: int, on_prefill_layer=None, *,
+                    shared: int = 0) -> list[list[int]]:
+        """Greedy continuations of ``prompts``: their first ``shared`` tokens (at most
+        ``shared_prefix_length``) run once into a KV cache, each prompt continuing from a ``fork`` of it
+        (the same tokens at the same positions: plain RoPE caches keys rotated at their positions, the
+        attention variants cache them unrotated with their positions). ``on_prefill_layer`` is called
+        per layer of every pass (the shared one included)."""
+        if shared and not 0 < shared <= (limit := self.shared_prefix_length(prompts)):
+            raise ValueError(f"shared={shared}: these prompts can share their first 0..{limit} tokens")
+        if shared == 0:
+            return [self.greedy(p, max_new_tokens, on_prefill_layer) for p in prompts]
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LongPromptWarning)
+            cache = prefill(self.model, prompts[0][:shared], on_prefill_layer=on_prefill_layer)
+            for p in prompts:
+                fork = cache.fork(len(p) + max_new_tokens)
+                out.append([int(t[0]) for t in generate_ids(self.model, [p[shared:]], max_new_tokens=max_new_tokens,
+                                                            on_prefill_layer=on_prefill_layer, cache=fork)])
+        return out
+
+
+def common_prefix_length(prompts: list[list[int]]) -> int:
+    """The number of first tokens every prompt of ``prompts`` has in common."""
+    if not prompts:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts)
+    for other in prompts[1:]:
+        n = next((i for i in range(n) if other[i] != first[i]), n)
+    return n
 
 
 class TransformersRunner:
@@ -164,6 +207,16 @@ class TransformersRunner:
             for hook in hooks:
                 hook.remove()
         return out[0, len(ids):].tolist()
+
+    def shared_prefix_length(self, prompts: list[list[int]]) -> int:
+        """0: each prompt runs whole in transformers' own ``generate`` (no shared prefix)."""
+        return 0
+
+    def greedy_many(self, prompts: list[list[int]], max_new_tokens: int, on_prefill_layer=None, *,
+                    shared: int = 0) -> list[list[int]]:
+        if shared:
+            raise ValueError("the transformers runner runs every prompt whole (shared must be 0)")
+        return [self.greedy(p, max_new_tokens, on_prefill_layer) for p in prompts]
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:

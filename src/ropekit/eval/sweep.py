@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ropekit.eval.passkey import evaluate_passkey
+from ropekit.eval.passkey import check_task, evaluate_passkey
 from ropekit.eval.perplexity import evaluate_perplexity, plan_windows
 from ropekit.eval.results import ResultStore
 from ropekit.eval.runners import as_runner
@@ -111,23 +111,30 @@ class Sweeper:
         return out
 
     def passkey(self, methods: Sequence[str], lengths: Sequence[int], depths: Sequence[float], *,
-                trials: int, seed: int) -> list[dict]:
+                trials: int, seed: int, keys: int = 1, jitter: float = 0.0, share_prefix: bool = True) -> list[dict]:
+        """One record per (method, length, depth) cell. ``keys`` > 1: the multi-key task; ``jitter``: per-trial
+        depth jitter (both in the cell key; left out of one-key, unjittered cells, which are the records of
+        before); ``share_prefix``: the trials' common first tokens run once (not in the key: exact)."""
+        check_task(keys, jitter)
         self.check_lengths(lengths, cache=True)
+        task = {} if keys == 1 and not jitter else {"keys": int(keys), "jitter": float(jitter)}
         out = []
         for spec, length, depth in [(m, n, d) for m in methods for n in lengths for d in depths]:
             cell = {"task": "passkey", "model": self.model_name, **self.identity, "method": spec,
-                    "length": int(length), "depth": float(depth), "trials": int(trials), "seed": int(seed)}
+                    "length": int(length), "depth": float(depth), "trials": int(trials), "seed": int(seed), **task}
             done = self.store.find(cell)
             if done is None:
                 info = self._use(spec)
                 with self._progress(trials * self.layers, f"passkey {spec} @ {length}, depth {depth:g}") as bar:
                     metrics = evaluate_passkey(self.runner, self.tokenizer, int(length), float(depth),
-                                               int(trials), int(seed), progress=bar)
+                                               int(trials), int(seed), progress=bar, keys=keys, jitter=jitter,
+                                               share_prefix=share_prefix)
                 done = {**cell, **info, "trained_length": self.trained, **metrics,
                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 self.store.add(done)
+                low, high = done["accuracy_ci95"]
                 self.log(f"  {spec:<45} L={length:<6} depth {depth:<4g} accuracy {done['accuracy']:.0%} "
-                         f"({done['seconds']:.0f} s)")
+                         f"({done['correct']}/{trials}, 95% CI {low:.0%}-{high:.0%}; {done['seconds']:.0f} s)")
             out.append(done)
         return out
 

@@ -122,7 +122,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_ids: Iterable[int] = (), pad_id: int = 0,
                  max_length: int | None = None, fast: bool = True,
-                 on_prefill_layer: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
+                 on_prefill_layer: Callable[[int], None] | None = None,
+                 cache: KVCache | None = None) -> Iterator[torch.Tensor]:
     """Yield one ``[B]`` long tensor of new tokens per step (``-1`` for rows that already stopped).
 
     prompts: token id lists (left-padded into one batch). A row stops after emitting a token in
@@ -132,26 +133,36 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     fast: one-token steps of one sequence on the CPU run the model's fused C++ decode kernels
     (``LlamaModel.decode_path()`` says which); ``fast=False`` runs them as torch ops.
     on_prefill_layer: called with i after layer i of the prompt's forward pass (progress).
+    cache: continue from this ``KVCache`` (e.g. a ``fork`` of ``prefill``'s) instead of a new one: it
+    already holds the first tokens of every row, and ``prompts`` are the tokens after them, all of one
+    length (no padding), at the positions that follow the cached ones. It is written in place and its
+    capacity bounds the generation (``max_length`` is not used).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     input_ids, mask = left_pad(prompts, pad_id)
     device = model.embed_tokens.weight.device
     input_ids, mask = input_ids.to(device), mask.to(device)
-    capacity = max_length or input_ids.shape[1] + max_new_tokens
+    if cache is not None:
+        _check_continuation(cache, input_ids, mask)
+        capacity = cache.max_len - cache.length
+    else:
+        capacity = max_length or input_ids.shape[1] + max_new_tokens
     if input_ids.shape[1] > capacity:
         raise ValueError(f"prompt of {input_ids.shape[1]} tokens is longer than the KV cache "
-                         f"({capacity} tokens)")
+                         f"({capacity} tokens{' free' if cache is not None else ''})")
     if max_new_tokens == 0:
         return
-    check_generation_fits(model.config, input_ids.shape[1], capacity - input_ids.shape[1],
-                          model.embed_tokens.weight.dtype, input_ids.shape[0])
-    warn_long_prompt(model, input_ids.shape[1])
+    if cache is None:
+        check_generation_fits(model.config, input_ids.shape[1], capacity - input_ids.shape[1],
+                              model.embed_tokens.weight.dtype, input_ids.shape[0])
+    warn_long_prompt(model, input_ids.shape[1] + (cache.length if cache is not None else 0))
     if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sample = lambda logits: sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,  # noqa: E731
                                         generator=generator)
-    cache = KVCache.for_model(model, input_ids.shape[0], capacity)
+    if cache is None:
+        cache = KVCache.for_model(model, input_ids.shape[0], capacity)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     with use_backend(None if fast else "torch", *DECODE_OPS):
@@ -168,6 +179,37 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
                 return
             token = token.masked_fill(done, pad_id)
             logits = model(token[:, None], cache=cache)[:, -1]  # [B, 1] -> [B, V]
+
+
+def _check_continuation(cache: KVCache, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    if cache.batch_size != input_ids.shape[0]:
+        raise ValueError(f"the cache holds {cache.batch_size} rows, the prompts are {input_ids.shape[0]}")
+    if not bool(mask.all()):
+        raise ValueError("prompts that continue a cache must all have the same length (no padding)")
+    if cache.length == 0 or cache.padded:
+        raise ValueError("continue from a cache that holds an unpadded prefix (see prefill)")
+
+
+@torch.inference_mode()
+def prefill(model, prompt: Sequence[int], *, max_length: int | None = None, fast: bool = True,
+            on_prefill_layer: Callable[[int], None] | None = None) -> KVCache:
+    """A one-sequence ``KVCache`` holding ``prompt``, run once at positions 0..n-1, with ``max_length`` slots
+    (default: exactly the prompt). Continue from it with ``generate_ids(model, [rest], cache=c.fork(n))``:
+    the rest's tokens then sit at the positions they have in the whole prompt, next to the same cached
+    keys. ``fast`` and ``on_prefill_layer`` as for ``generate_ids``.
+    """
+    input_ids, _ = left_pad([prompt], 0)
+    input_ids = input_ids.to(model.embed_tokens.weight.device)
+    capacity = max_length or input_ids.shape[1]
+    if input_ids.shape[1] > capacity:
+        raise ValueError(f"prompt of {input_ids.shape[1]} tokens is longer than the KV cache ({capacity} tokens)")
+    check_generation_fits(model.config, input_ids.shape[1], capacity - input_ids.shape[1],
+                          model.embed_tokens.weight.dtype)
+    warn_long_prompt(model, input_ids.shape[1])
+    cache = KVCache.for_model(model, 1, capacity)
+    with use_backend(None if fast else "torch", *DECODE_OPS):
+        model(input_ids, cache=cache, logits_to_keep=1, on_layer=on_prefill_layer)
+    return cache
 
 
 def _one_sequence(model, cache: KVCache, logits: torch.Tensor, max_new_tokens: int,

@@ -149,6 +149,29 @@ class KVCache:
         self._fill[layer_idx] += 1
         return out.view(q.shape).to(q.dtype)
 
+    def fork(self, max_len: int | None = None) -> KVCache:
+        """A new cache holding a copy of this one's filled slots (keys, values, positions), with ``max_len``
+        slots in all (default: this cache's capacity); this cache is left as it is.
+
+        A prefix shared by several prompts runs once into a cache; each prompt then continues from a fork
+        of it: the same keys at the same positions as if it had run the whole prompt itself. Only between
+        forward passes (every layer at the same fill).
+        """
+        max_len = self.max_len if max_len is None else int(max_len)
+        n = self.length
+        if max_len < n:
+            raise ValueError(f"a fork of a cache holding {n} tokens needs at least {n} slots, got {max_len}")
+        if any(fill != n for fill in self._fill):
+            raise ValueError("fork a cache between forward passes, not while a pass is writing it")
+        L, B, H, _, D = self.keys.shape
+        new = KVCache(L, B, H, D, max_len, dtype=self.keys.dtype, device=self.keys.device)
+        new.keys[:, :, :, :n] = self.keys[:, :, :, :n]
+        new.values[:, :, :, :n] = self.values[:, :, :, :n]
+        new.key_positions[:, :n] = self.key_positions[:, :n]
+        new._fill = [n] * L
+        new.padded, new._last_position = self.padded, self._last_position
+        return new
+
     def reset(self) -> None:
         """Forget everything (buffers stay allocated)."""
         self._fill = [0] * len(self._fill)
