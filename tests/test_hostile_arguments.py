@@ -353,7 +353,18 @@ PERPLEXITY_FLAGS = {**EVAL_FLAGS, "--protocol": ["single", "sliding", "x"], "--s
                                                                         "/proc/self/mem", "BINARY"]}
 PASSKEY_FLAGS = {**EVAL_FLAGS, "--depths": ["0.5", "0,1", "2", "-1", "nan", "x", ""], "--trials": ["1", "2", "0", "-1",
                                                                                                   "1000000000", "x"],
-                 "--seed": INTS}
+                 "--seed": INTS, "--keys": ["1", "2", "4", "0", "32", "33", "-1", "x", "1e9", "nan"],
+                 "--jitter": FLOATS}
+# budgets stay small: a long search is a slow run, not a hostile input
+TUNE_FLAGS = {"--target-length": ["160", "256", "129", "128", "64", "0", "-1", "x", "1e400", "nan", "16k", "200,300",
+                                  "999999999", ""],
+              "--family": ["yarn", "self-extend", "leaky-rerope", "longrope", "bogus", "", "YaRN"],
+              "--objective": ["ppl", "passkey", "both", "x", ""],
+              "--budget-evals": ["1", "2", "3", "0", "-1", "x", "nan", "1e400", "2.5", ""],
+              "--seed": INTS, "--passkey-depths": ["0.5", "0,1", "2", "-1", "nan", "x", ""],
+              "--passkey-trials": ["1", "2", "0", "101", "x", "1e400"],
+              "--text": ["TEXT", "/nonexistent", "/", "BINARY"], "--threads": ["1", "0", "x"],
+              "--dtype": ["float32", "bfloat16", "int8"]}
 
 
 def fuzz_settings(default: int):
@@ -387,6 +398,22 @@ def test_fuzzed_eval_arguments_exit_0_or_2(driver, tiny_gguf, tiny_text, tmp_pat
         flags += ["--trials", "1"] if "--trials" not in flags else []
     out = tmp_path_factory.mktemp("fuzz-out")
     argv = ["eval", task, "--model", str(tiny_gguf), "--out", str(out), "--no-progress", *flags]
+    assert_clean(driver.run(argv), argv)
+
+
+@fuzz_settings(60)
+@given(flags=options(TUNE_FLAGS))
+def test_fuzzed_tune_arguments_exit_0_or_2(driver, tiny_gguf, tiny_text, tmp_path_factory, flags):
+    binary = tmp_path_factory.getbasetemp() / "binary.txt"
+    if not binary.exists():
+        binary.write_bytes(bytes(range(256)) * 4)
+    flags = [{"TEXT": str(tiny_text), "BINARY": str(binary)}.get(x, x) for x in flags]
+    for flag, default in (("--target-length", "160"), ("--family", "yarn"), ("--budget-evals", "2"),
+                          ("--text", str(tiny_text))):
+        if flag not in flags:
+            flags += [flag, default]
+    argv = ["tune", "--model", str(tiny_gguf), "--out", str(tmp_path_factory.mktemp("tune-out")), "--no-progress",
+            *flags]
     assert_clean(driver.run(argv), argv)
 
 

@@ -21,7 +21,7 @@ DESCRIPTION = ("ropekit: rotary position embeddings (RoPE) for LLaMA-family mode
                "them, and see why position encoding works (demos).")
 
 # Feature modules, in the order their subcommands are listed in --help.
-FEATURE_MODULES = ["compare", "eval", "generate", "convert", "demo"]
+FEATURE_MODULES = ["compare", "eval", "generate", "convert", "tune", "demo"]
 
 
 class UsageError(ValueError):
