@@ -307,10 +307,14 @@ def driver(tiny_gguf, tmp_path_factory, request):
     d.close()
     summary = (f"argument fuzz: {sum(d.outcomes.values())} cases: {dict(sorted(d.outcomes.items()))}; largest child "
                f"RSS {d.max_rss_kb / 1024:.0f} MiB")
-    print("\n" + summary, file=sys.stderr)
     terminal = request.config.pluginmanager.get_plugin("terminalreporter")
-    if terminal is not None:
-        terminal.write_line(summary)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if terminal is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # shown even when the tests' output is captured
+            terminal.write_line("")
+            terminal.write_line(summary)
+    else:
+        print("\n" + summary, file=sys.stderr)
 
 
 def assert_clean(reply: dict, argv: list[str]) -> None:
