@@ -131,13 +131,14 @@ def print_table(report: dict) -> None:
     print(f"{report['cpu']}; {report['threads']} threads; prompt {report['prompt_tokens']} tokens, "
           f"{report['new_tokens']} new tokens, median of {report['repeats']}; busy = {report['spinners']} spinning "
           "process(es)")
+    width = {e: len(e) + 10 for e in engines}  # room for "<engine> prefill" and a gap
     header = f"{'load':<7}{'policy':<28}{'CPUs':>8}{'F.linear ms':>13}" + "".join(
-        f"{e + ' prefill':>22}{e + ' decode':>20}" for e in engines)
+        f"{e + ' prefill':>{width[e]}}{e + ' decode':>{width[e]}}" for e in engines)
     print(header)
     print("-" * len(header))
     for row in report["rows"]:
-        cells = "".join(f"{row['engines'][e]['prefill_tok_s']:>22.0f}{row['engines'][e]['decode_tok_s']:>20.1f}"
-                        for e in engines)
+        cells = "".join(f"{row['engines'][e]['prefill_tok_s']:>{width[e]}.0f}"
+                        f"{row['engines'][e]['decode_tok_s']:>{width[e]}.1f}" for e in engines)
         cpus = ",".join(str(c) for c in row["cpus"])
         print(f"{row['load']:<7}{row['policy']:<28}{cpus:>8}{row['linear_ms']:>13.3f}{cells}")
     print("(prefill, decode: tokens/s)")
