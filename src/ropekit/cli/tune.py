@@ -114,13 +114,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _numbers(metrics: dict) -> str:
+def print_summary(summary: dict) -> None:
     from ropekit.eval.tune import describe
 
-    return describe(metrics)
-
-
-def print_summary(summary: dict) -> None:
     best, default = summary["best"], summary["default"]
     cal, held = summary["calibration"]["tokens"], summary["held_out"]["tokens"]
     print(f"\n{summary['family']} for {summary['target_length']} tokens (trained {summary['trained_length']}), "
@@ -128,11 +124,11 @@ def print_summary(summary: dict) -> None:
           f"({summary['evaluations']['run']} measurements now, {summary['evaluations']['reused']} from the stored "
           f"records)")
     print(f"best SPEC: {best['spec']}")
-    print(f"  calibration (tokens {cal[0]}-{cal[1]}):  {_numbers(best['calibration'])}")
-    print(f"  held-out    (tokens {held[0]}-{held[1]}): {_numbers(best['held_out'])}")
+    print(f"  calibration (tokens {cal[0]}-{cal[1]}):  {describe(best['calibration'])}")
+    print(f"  held-out    (tokens {held[0]}-{held[1]}): {describe(best['held_out'])}")
     print(f"default ({'the same' if default['spec'] == best['spec'] else default['spec']}):")
-    print(f"  calibration: {_numbers(default['calibration'])}")
-    print(f"  held-out:    {_numbers(default['held_out'])}")
+    print(f"  calibration: {describe(default['calibration'])}")
+    print(f"  held-out:    {describe(default['held_out'])}")
     print("settings:")
     width = max(len(t) for t in best["settings"])
     for target, text in best["settings"].items():
