@@ -8,6 +8,7 @@ the GPU tests (marked ``gpu``), which skip visibly on machines without CUDA.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -19,6 +20,24 @@ def eval_text() -> str:
     from ropekit.defaults import default_text_path
 
     return default_text_path().read_text(encoding="utf-8")
+
+
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def float32_logits_atol(reference, num_layers: int, width: int, safety: float = 4.0) -> float:
+    """How far two float32 computations of the same network's logits may differ by rounding alone.
+
+    Both sides run the same maths with different summation orders (another BLAS, another ISA: AVX2
+    vs AVX-512 blocks), so each dot product of length ``width`` differs by ~``u * sqrt(width)`` of
+    its scale (u = 2^-24, random rounding errors), and a residual stack adds ``num_layers`` such
+    perturbations, which grow like ``sqrt(num_layers)``. Scaled by the largest |logit| of the
+    reference and a safety factor: ``safety * u * sqrt(width * num_layers) * max|reference|``.
+    For SmolLM2 (30 layers, width 576 (the MLP's 1536 inside), logits up to ~25) that is ~8e-4,
+    while any real error (a position off by one, a wrong frequency) moves logits by 1e-2 or more.
+    """
+    scale = float(reference.detach().abs().max())
+    return safety * FLOAT32_UNIT_ROUNDOFF * math.sqrt(width * num_layers) * scale
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import float32_logits_atol
 from tiny_llama import tiny_backend_tokenizer, tiny_model, write_gguf
 
 from ropekit.cli import main
@@ -184,7 +185,7 @@ def test_smollm2_generates_text(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_left_padded_batch_equals_rows_alone(smollm2):
-    """Real-model version of the padding invariant (logits to 1e-4: different matmul shapes, same maths)."""
+    """Real-model version of the padding invariant (different matmul shapes, same maths: the rounding bound)."""
     model, tokenizer = smollm2
     from ropekit.model.generate import left_pad
 
@@ -194,4 +195,6 @@ def test_smollm2_left_padded_batch_equals_rows_alone(smollm2):
     with torch.no_grad():
         batch = model(ids, attention_mask=mask)
         alone = model(torch.tensor([short]))
-    torch.testing.assert_close(batch[1, -len(short):], alone[0], atol=1e-4, rtol=0)
+    cfg = model.config
+    atol = float32_logits_atol(alone, cfg.num_hidden_layers, cfg.intermediate_size)
+    torch.testing.assert_close(batch[1, -len(short):], alone[0], atol=atol, rtol=0)

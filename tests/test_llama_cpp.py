@@ -1,13 +1,16 @@
 """ropekit convert against llama.cpp itself (through llama-cpp-python): the settings ropekit prints, run by
 llama.cpp on the embedded SmolLM2 GGUF, give the perplexity ropekit's engine gives for the same spec.
 
-One 12,000-token window of Pride and Prejudice (tokens 8192-11999 are beyond the trained length),
-for ``none``, ``linear:factor=2`` and ``yarn:factor=2`` (with and without explicit betas): once with
-the flags ``convert --to llama.cpp`` prints (as llama-cpp-python's constructor arguments), once with
-the GGUF ``convert --to gguf --out`` writes and no flags. Both compute from the same Q4_1 weights
+One 4,096-token window of Pride and Prejudice, for ``none``, ``linear:factor=2`` and ``yarn:factor=2``
+(with and without explicit betas), each stated with an original context of 2,048 tokens: once with the
+flags ``convert --to llama.cpp`` prints (as llama-cpp-python's constructor arguments), once with the GGUF
+``convert --to gguf --out`` writes and no flags. A translation acts on the frequencies, the attention
+factor and the original length; with the original length at 2,048 the second half of the window lies
+beyond it, so a short window tests every one of them as a 12,000-token window past SmolLM2's own
+8,192 does, at a ninth of the attention cost. Both runtimes compute from the same Q4_1 weights
 (ropekit dequantises them exactly; llama.cpp multiplies them with 8-bit activations and keeps an f16
-KV cache), so the perplexity beyond 8K must agree within 2%, while the classic wrong translation (the
-factor passed where llama.cpp wants 1/factor) is far off. Slow: ~1-3 min per llama.cpp evaluation.
+KV cache), so the perplexity beyond 2,048 must agree within 2%, while the classic wrong translation
+(the factor passed where llama.cpp wants 1/factor) is far off. Slow: ~10-30 s per llama.cpp evaluation.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from ropekit.eval.runners import EngineRunner
 from ropekit.rope import RopeConfig
 from ropekit.rope.formats import to_llama_cpp_python
 
-N_TOKENS, TRAINED = 12000, 8192
-SPECS = ["none", "linear:factor=2", "yarn:factor=2", "yarn:factor=2,beta_fast=32,beta_slow=1"]
+N_TOKENS, ORIGINAL = 4096, 2048  # window; the original context every spec below states
+_ORIG = f"original_max_position_embeddings={ORIGINAL}"
+SPECS = ["none", f"linear:factor=2,{_ORIG}", f"yarn:factor=2,{_ORIG}",
+         f"yarn:factor=2,beta_fast=32,beta_slow=1,{_ORIG}"]
 FROM_FILE = dict(rope_scaling_type=-1, rope_freq_base=0.0, rope_freq_scale=0.0, yarn_ext_factor=-1.0,
                  yarn_attn_factor=-1.0, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0, yarn_orig_ctx=0)
 
@@ -68,7 +73,7 @@ def _nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def llama_cpp_beyond(llama_cpp, path, tokens: list[int], **kwargs) -> float:
-    """Perplexity of tokens at positions >= 8192 of one window, computed by llama.cpp (streamed per batch)."""
+    """Perplexity of tokens at positions >= ORIGINAL of one window, computed by llama.cpp (streamed per batch)."""
     llm = llama_cpp.Llama(str(path), n_ctx=len(tokens), n_batch=512, n_ubatch=512, n_threads=2, n_threads_batch=2,
                           logits_all=True, verbose=False, flash_attn=False, **{**FROM_FILE, **kwargs})
     try:
@@ -84,7 +89,7 @@ def llama_cpp_beyond(llama_cpp, path, tokens: list[int], **kwargs) -> float:
                 nll[lo - 1:hi] = _nll_rows(logits[: hi - lo + 1], ids[lo:hi + 1])
     finally:
         llm.close()
-    return math.exp(nll[np.arange(1, n) >= TRAINED].mean())
+    return math.exp(nll[np.arange(1, n) >= ORIGINAL].mean())
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +115,7 @@ def engine_beyond(smollm2, tokens: list[int], spec: str) -> float:
         runner = EngineRunner(model, tokenizer)
         try:
             runner.use(spec)
-            _ENGINE[spec] = evaluate_perplexity(runner, torch.tensor(tokens), N_TOKENS, trained=TRAINED)["ppl_beyond"]
+            _ENGINE[spec] = evaluate_perplexity(runner, torch.tensor(tokens), N_TOKENS, trained=ORIGINAL)["ppl_beyond"]
         finally:
             runner.use("none")
     return _ENGINE[spec]
@@ -130,33 +135,33 @@ def test_printed_flags_run_in_llama_cpp_give_ropekit_perplexity(llama_cpp, smoll
     assert torch.equal(rope.frequencies()[0], expected.frequencies()[0])
     kwargs = {k: v for k, v in to_llama_cpp_python(expected).items() if k != "n_ctx"}
     ours, theirs = engine_beyond(smollm2, tokens, spec), llama_cpp_beyond(llama_cpp, smollm2_path, tokens, **kwargs)
-    print(f"flags {spec}: llama.cpp ppl beyond 8K {theirs:.3f}, ropekit {ours:.3f}, ratio {theirs / ours:.4f}")
+    print(f"flags {spec}: llama.cpp ppl beyond {ORIGINAL} {theirs:.3f}, ropekit {ours:.3f}, ratio {theirs / ours:.4f}")
     assert theirs == pytest.approx(ours, rel=0.02), f"{spec}: llama.cpp {theirs:.3f}, ropekit {ours:.3f}"
 
 
-@pytest.mark.parametrize("spec", ["linear:factor=2", "yarn:factor=2"])
+@pytest.mark.parametrize("spec", [f"linear:factor=2,{_ORIG}", f"yarn:factor=2,{_ORIG}"])
 def test_rewritten_gguf_runs_in_llama_cpp_with_no_flags(llama_cpp, smollm2, smollm2_path, tokens, spec, tmp_path):
     out = tmp_path / "new.gguf"
     assert main(["convert", "--model", str(smollm2_path), "--method", spec, "--to", "gguf", "--out", str(out)]) == 0
     log = LogLines(llama_cpp)
     theirs = llama_cpp_beyond(llama_cpp, out, tokens)  # every rope setting from the file
     ours = engine_beyond(smollm2, tokens, spec)
-    print(f"rewritten gguf {spec}: llama.cpp ppl beyond 8K {theirs:.3f}, ropekit {ours:.3f}, ratio {theirs / ours:.4f}")
+    print(f"rewritten gguf {spec}: llama.cpp ppl beyond {ORIGINAL} {theirs:.3f}, ropekit {ours:.3f}, "
+          f"ratio {theirs / ours:.4f}")
     assert theirs == pytest.approx(ours, rel=0.02), f"{spec}: llama.cpp {theirs:.3f}, ropekit {ours:.3f}"
     # what llama.cpp itself reports reading from the file
-    assert log.value("n_ctx_train") == "16384"
+    assert log.value("n_ctx_train") == str(2 * ORIGINAL)
     assert log.value("freq_scale_train") == "0.5"
     assert log.value("freq_base_train") == "100000.0"
     assert log.value("rope scaling") == spec.split(":")[0]
     if spec.startswith("yarn"):
-        assert log.value("n_ctx_orig_yarn") == "8192"
+        assert log.value("n_ctx_orig_yarn") == str(ORIGINAL)
 
 
 def test_a_wrong_translation_is_far_off(llama_cpp, smollm2, smollm2_path, tokens):
     """The factor where llama.cpp wants 1/factor (freq_scale 2 instead of 0.5): far from ropekit's YaRN."""
-    kwargs = to_llama_cpp_python(base_rope(smollm2).with_rope_type("yarn:factor=2"))
+    kwargs = to_llama_cpp_python(base_rope(smollm2).with_rope_type(SPECS[2]))
     kwargs = {**{k: v for k, v in kwargs.items() if k != "n_ctx"}, "rope_freq_scale": 2.0}
-    wrong, ours = llama_cpp_beyond(llama_cpp, smollm2_path, tokens, **kwargs), engine_beyond(smollm2, tokens,
-                                                                                          "yarn:factor=2")
-    print(f"wrong translation (freq_scale 2): llama.cpp {wrong:.2f}, ropekit yarn:factor=2 {ours:.3f}")
+    wrong, ours = llama_cpp_beyond(llama_cpp, smollm2_path, tokens, **kwargs), engine_beyond(smollm2, tokens, SPECS[2])
+    print(f"wrong translation (freq_scale 2): llama.cpp {wrong:.2f}, ropekit {SPECS[2]} {ours:.3f}")
     assert wrong > 2 * ours, f"wrong translation {wrong:.2f} vs ropekit {ours:.2f}"

@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import eval_text
+from conftest import eval_text, float32_logits_atol
 from test_hostile_files import HOSTILE_TEMPLATES, Driver, GGUFParts, V, gguf_bytes, tiny_gguf_parts, write_parts
 from tiny_llama import llama_cpp_permute, tiny_model, to_transformers, write_gguf, write_hf_folder
 
@@ -270,10 +270,13 @@ def test_smollm2_config_from_gguf(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2, hf_smollm2, text_ids):
-    """fp32, 300 tokens: max |diff| ~5e-5 here (float32 rounding over 30 layers; our angles are float64)."""
+    """fp32, 300 tokens: measured max |diff| 5e-5 (AMD Zen 4), 1.04e-4 (AMD Zen 3, AVX2 only): float32 rounding
+    over 30 layers in another summation order; the bound comes from the error analysis, not one machine."""
     with torch.no_grad():
         ours, theirs = smollm2[0](text_ids), hf_smollm2(text_ids).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    cfg = smollm2[0].config
+    atol = float32_logits_atol(theirs, cfg.num_hidden_layers, cfg.intermediate_size)
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
 
 
 @pytest.mark.slow
@@ -297,8 +300,10 @@ def test_smollm2_yarn_override_matches_transformers(smollm2, hf_smollm2, text_id
     assert model.config.rope == original_rope
     # transformers' YaRN frequencies and mscale come from float32 pow/log, ours from float64 rounded once:
     # measured max |diff| 1.05e-4 on one of 14.7M logits (a logit of 10.6, i.e. 1e-5 relative) on an
-    # Intel Xeon (AMX) machine, 7e-5 on an AMD EPYC. Allow 1e-4 plus 1e-5 relative.
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+    # Intel Xeon (AMX) machine, 7e-5 on an AMD EPYC: within the rounding bound of the whole stack.
+    cfg = model.config
+    atol = float32_logits_atol(theirs, cfg.num_hidden_layers, cfg.intermediate_size)
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
 
 
 @pytest.mark.slow
