@@ -16,7 +16,7 @@ from tiny_llama import tiny_model
 
 from ropekit.kernels import decode as D
 from ropekit.model.generate import generate_ids
-from ropekit.rope.dispatch import use_backend
+from ropekit.dispatch import use_backend
 
 LOGITS_ATOL = 1e-4
 
@@ -239,18 +239,18 @@ def test_smollm2_fused_decode_equals_torch_ops(smollm2):
 
 
 def graph_vs_eager(model, prompt: list[int], tokens: list[int]):
-    """Logits of each token decoded through the recorded step (default) and through the eager forward
-    (explicit positions bypass the recording), from the same prompt."""
+    """Logits of each token decoded through a ``DecodeGraph`` and through the eager forward, from the same
+    prompt; also the graph."""
     caches = model.new_cache(1, len(prompt) + len(tokens)), model.new_cache(1, len(prompt) + len(tokens))
     with torch.no_grad():
         for cache in caches:
             model(torch.tensor([prompt]), cache=cache)
-        graph, eager = [], []
-        for i, token in enumerate(tokens):
-            graph.append(model(torch.tensor([[token]]), cache=caches[0])[0, -1])
-            position = torch.tensor([len(prompt) + i])
-            eager.append(model(torch.tensor([[token]]), cache=caches[1], positions=position)[0, -1])
-    return torch.stack(graph), torch.stack(eager)
+        graph = model.capture_decode(caches[0])
+        replayed, eager = [], []
+        for token in tokens:
+            replayed.append(graph.step(token)[0, -1])
+            eager.append(model(torch.tensor([[token]]), cache=caches[1])[0, -1])
+    return torch.stack(replayed), torch.stack(eager), graph
 
 
 @pytest.mark.parametrize("changes", [
@@ -262,23 +262,36 @@ def test_recorded_step_replays_equal_the_eager_forward_bit_for_bit(changes):
     extension()
     model = tiny_model(**changes)
     tokens = [int(t) for t in torch.randint(3, 250, (30,), generator=torch.Generator().manual_seed(5))]
-    graph, eager = graph_vs_eager(model, PROMPT, tokens)
-    assert model._decode_graph is not None, "a one-token CPU step records its graph"
-    assert torch.equal(graph, eager)
+    replayed, eager, graph = graph_vs_eager(model, PROMPT, tokens)
+    assert graph.recording is not None and graph.recording.steps, "a one-token CPU step records its ops"
+    assert torch.equal(replayed, eager)
 
 
-def test_recorded_step_is_dropped_when_the_model_changes():
+def test_forward_never_records():
+    """``forward`` is the plain pass: no recording survives it, whatever it is called with."""
     extension()
     model = tiny_model()
     cache = model.new_cache(1, 64)
     with torch.no_grad():
         model(torch.tensor([PROMPT]), cache=cache)
-        model(torch.tensor([[5]]), cache=cache)
-        model(torch.tensor([[6]]), cache=cache)
-        assert model._decode_graph is not None
+        for token in (5, 6, 7):
+            model(torch.tensor([[token]]), cache=cache)
+    assert not [name for name in vars(model) if "graph" in name or "record" in name]
+
+
+def test_recorded_step_records_again_when_the_model_changes():
+    extension()
+    model = tiny_model()
+    cache = model.new_cache(1, 64)
+    with torch.no_grad():
+        model(torch.tensor([PROMPT]), cache=cache)
+        graph = model.capture_decode(cache)
+        graph.step(5)
+        graph.step(6)
+        first = graph.recording
         model.set_rope("linear:factor=2")
-        assert model._decode_graph is None
-        got = model(torch.tensor([[7]]), cache=cache)[0, -1]
+        got = graph.step(7)[0, -1]
+        assert graph.recording is not first, "a new rope: the step is recorded again"
         want = model(torch.tensor([[7]]), cache=_copy_cache(model, cache, drop_last=True),
                      positions=torch.tensor([len(PROMPT) + 2]))[0, -1]
     torch.testing.assert_close(got, want, atol=0, rtol=0)
@@ -295,21 +308,21 @@ def _copy_cache(model, cache, drop_last: bool):
     return other
 
 
-def test_no_recorded_step_with_grad_a_mask_or_torch_ops():
+def test_no_recorded_step_with_grad_or_torch_ops():
+    """Where a step cannot be replayed the graph runs the eager forward, and equals it."""
     extension()
     model = tiny_model()
     cache = model.new_cache(1, 64)
-    model(torch.tensor([PROMPT]), cache=cache).sum()  # grad enabled: eager
-    model(torch.tensor([[5]]), cache=cache)
-    assert model._decode_graph is None
+    model(torch.tensor([PROMPT]), cache=cache).sum()
+    graph = model.capture_decode(cache)
+    graph.step(5)  # grad enabled: eager
+    assert graph.recording is None
     with torch.no_grad(), use_backend("torch"):
-        model(torch.tensor([[6]]), cache=cache)
-    assert model._decode_graph is None
+        graph.step(6)
+    assert graph.recording is None
     with torch.no_grad():
-        model(torch.tensor([[7]]), cache=cache, attention_mask=torch.ones(1, cache.length + 1))
-        assert model._decode_graph is None
-        model(torch.tensor([[8]]), cache=cache)
-        assert model._decode_graph is not None
+        graph.step(8)
+        assert graph.recording is not None
 
 
 def test_recorded_step_reports_overflow_and_bad_tokens():
@@ -318,9 +331,10 @@ def test_recorded_step_reports_overflow_and_bad_tokens():
     cache = model.new_cache(1, len(PROMPT) + 2)
     with torch.no_grad():
         model(torch.tensor([PROMPT]), cache=cache)
-        model(torch.tensor([[5]]), cache=cache)
+        graph = model.capture_decode(cache)
+        graph.step(5)
         with pytest.raises(ValueError, match="token ids must lie in"):
-            model(torch.tensor([[10_000]]), cache=cache)
-        model(torch.tensor([[6]]), cache=cache)
+            graph.step(10_000)
+        graph.step(6)
         with pytest.raises(ValueError, match="KV cache overflow"):
-            model(torch.tensor([[7]]), cache=cache)
+            graph.step(7)

@@ -4,9 +4,10 @@ An *op* (``"rotary"``, and the decode ops ``"norm_linear"``, ``"norm_swiglu"``,
 ``"linear_residual"``, ``"decode_attention"`` that ``ropekit.kernels`` defines) has *backends*:
 a function with the op's contract, a ``supports(...)`` check that receives the arguments the op
 is selected with (the rotary op is selected on ``x`` alone) and a priority. Every op has a
-pure-torch backend ``"torch"`` that always works; the core registers the rotary one
-(``ropekit.rope.apply``), and ``ropekit.kernels`` (the layer above, which imports this one)
-registers the fused ones (C++ for CPU, Triton for CUDA) when ropekit is imported. Selection
+pure-torch backend ``"torch"`` that always works; the rope core registers the rotary one
+(``ropekit.rope.apply``), and ``ropekit.kernels`` registers the fused ones (C++ for CPU, Triton
+for CUDA) when ropekit is imported. This module sits in the lowest layer, so the rope core and the
+kernels above it both reach it; it holds no state but the registered backends and the overrides. Selection
 walks the backends best first and takes the first that supports the arguments; ``backend=``,
 ``use_backend(...)`` or the op's environment variable (``ROPEKIT_ROPE_BACKEND`` for rotary,
 ``ROPEKIT_GEMV_BACKEND`` for the decode ops) forces one by name.
@@ -32,7 +33,7 @@ def _always(*args, **kwargs) -> bool:
 class Kernel:
     """One backend of an op: the function, whether it can run on ``x`` now, its preference, and optionally
     its planner: ``plan(*args) -> (result, run)`` where ``run()`` computes ``result`` in place (its buffers
-    fixed), so a recorded sequence of ops can be run again on new input values (``recording``)."""
+    fixed), so a recorded sequence of ops can be run again on new input values (``Recording``)."""
 
     fn: Backend
     supports: Callable[..., bool]
@@ -41,44 +42,32 @@ class Kernel:
 
 
 class NotRecordable(RuntimeError):
-    """An op without a planner ran while a sequence was being recorded."""
+    """An op whose selected backend has no planner was run with a ``Recording``."""
 
 
 class Recording:
-    """The ops run inside ``recording()``: one ``run()`` per op, in order (``steps``). Running them all again
-    recomputes every result in its same buffer from the current values of the inputs."""
+    """The replay calls of the ops run with ``recording=`` this object, in order (``steps``), and the
+    named input buffers of the recorded computation (``inputs``). Running the steps again recomputes
+    every result in its same buffer from the current values of the inputs. It is an explicit argument:
+    an op records only when it is handed one (``ropekit.model.decode_graph`` is the one user)."""
 
     def __init__(self):
         self.steps: list[Callable[[], None]] = []
+        self.inputs: dict[str, object] = {}
 
+    def planned(self, kernel: Kernel, name: str, args: tuple, kwargs: dict):
+        """Run ``kernel`` through its planner and keep its ``run`` for replay."""
+        if kernel.plan is None:
+            raise NotRecordable(f"the {name} backend has no planner")
+        result, run = kernel.plan(*args, **kwargs)
+        run()
+        self.steps.append(run)
+        return result
 
-_RECORDING: Recording | None = None
-
-
-@contextmanager
-def recording() -> Iterator[Recording]:
-    """Record the ops run inside the block (see ``Recording``). An op whose selected backend has no planner
-    raises ``NotRecordable``."""
-    global _RECORDING
-    previous, _RECORDING = _RECORDING, Recording()
-    try:
-        yield _RECORDING
-    finally:
-        _RECORDING = previous
-
-
-def is_recording() -> bool:
-    return _RECORDING is not None
-
-
-def _planned(kernel: Kernel, name: str, args, kwargs):
-    """Run a kernel through its planner and record the ``run`` (only while recording)."""
-    if kernel.plan is None:
-        raise NotRecordable(f"the {name} backend has no planner")
-    result, run = kernel.plan(*args, **kwargs)
-    run()
-    _RECORDING.steps.append(run)
-    return result
+    def replay(self) -> None:
+        """Run every recorded step again, in order."""
+        for run in self.steps:
+            run()
 
 
 class KernelOp:
@@ -128,10 +117,12 @@ class KernelOp:
         """The function registered under ``backend``."""
         return self._backends[backend].fn
 
-    def __call__(self, x: torch.Tensor, *args, backend: str | None = None, **kwargs):
+    def __call__(self, x: torch.Tensor, *args, backend: str | None = None, recording: Recording | None = None,
+                 **kwargs):
+        """Run the selected backend; with ``recording``, through its planner, keeping the replay call."""
         kernel = self._backends[self.select(x, *args, backend=backend, **kwargs)]
-        if _RECORDING is not None:
-            return _planned(kernel, self.name, (x, *args), kwargs)
+        if recording is not None:
+            return recording.planned(kernel, self.name, (x, *args), kwargs)
         return kernel.fn(x, *args, **kwargs)
 
     def __repr__(self) -> str:
@@ -185,12 +176,13 @@ def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
 
 def rotary_dispatch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, layout: str, heads_first: bool,
                     out: torch.Tensor | None, backend: str | None = None,
-                    positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the selected rotary backend (``positions``: rows of whole cos/sin tables, see ``apply_rotary_positions``)."""
+                    positions: torch.Tensor | None = None, recording: Recording | None = None) -> torch.Tensor:
+    """Run the selected rotary backend (``positions``: rows of whole cos/sin tables, see ``apply_rotary_positions``;
+    ``recording``: see ``Recording``)."""
     kernel = ROTARY._backends[ROTARY.select(x, backend=backend)]
     kwargs = {"layout": layout, "heads_first": heads_first, "out": out}
     if positions is not None:
         kwargs["positions"] = positions
-    if _RECORDING is not None:
-        return _planned(kernel, ROTARY.name, (x, cos, sin), kwargs)
+    if recording is not None:
+        return recording.planned(kernel, ROTARY.name, (x, cos, sin), kwargs)
     return kernel.fn(x, cos, sin, **kwargs)

@@ -1,4 +1,4 @@
-"""Fused kernels, registered with the core's one dispatch point (``ropekit.rope.dispatch``).
+"""Fused kernels, registered with the core's one dispatch point (``ropekit.dispatch``).
 
 Importing this package (``import ropekit`` does) registers:
 
@@ -22,9 +22,7 @@ from functools import cache
 
 import torch
 
-from ropekit.kernels import cpu, decode
-from ropekit.rope.apply import apply_rotary_positions
-from ropekit.rope.dispatch import (
+from ropekit.dispatch import (
     ENV_VAR,
     OPS,
     ROTARY,
@@ -33,6 +31,8 @@ from ropekit.rope.dispatch import (
     rotary_dispatch,
     select_backend,
 )
+from ropekit.kernels import cpu, decode
+from ropekit.rope.apply import apply_rotary_positions
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

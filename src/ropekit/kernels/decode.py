@@ -2,7 +2,7 @@
 
 Decoding one token on a CPU reads every weight once: it is bound by memory bandwidth, and
 ``F.linear`` on one row is far from that bound. The model's layers call these four ops on
-every forward; the dispatch point (``ropekit.rope.dispatch``) runs the C++ kernels of
+every forward; the dispatch point (``ropekit.dispatch``) runs the C++ kernels of
 ``csrc/gemv_cpu.cpp`` when the input is one float32 row on the CPU (a decode step) and the
 pure-torch twin otherwise (prefill, batches, CUDA, or no compiler). Both have one contract:
 
@@ -34,8 +34,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from ropekit.dispatch import define_op
 from ropekit.kernels.build import JitExtension
-from ropekit.rope.dispatch import define_op
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_cpu.cpp"
 ENV_VAR = "ROPEKIT_GEMV_BACKEND"
@@ -140,7 +140,7 @@ def _supports_decode_attention(q, k, v, k_cache, v_cache, slot, scale) -> bool:
 
 
 # Each C++ backend is a planner: ``(result, run)``, the output buffers and the call that fills them from
-# the inputs' current values (what a recorded decode step replays); the eager backend plans and runs.
+# the inputs' current values (what ``ropekit.model.decode_graph`` replays); the eager backend plans and runs.
 
 
 def plan_norm_linear(x, weights, norm_weight=None, eps=1e-5, biases=None):
@@ -213,11 +213,6 @@ for _op, _torch_fn, _plan, _supports in (
 norm_linear, norm_swiglu, linear_residual = NORM_LINEAR, NORM_SWIGLU, LINEAR_RESIDUAL
 decode_attention = DECODE_ATTENTION
 DECODE_OPS = tuple(op.name for op in (NORM_LINEAR, NORM_SWIGLU, LINEAR_RESIDUAL, DECODE_ATTENTION))
-
-
-def fused_decode_forced_off() -> bool:
-    """Whether ``use_backend("torch")`` or ``ROPEKIT_GEMV_BACKEND=torch`` forces the decode ops onto torch."""
-    return (NORM_LINEAR.forced or os.environ.get(ENV_VAR)) == "torch"
 
 
 def fused_decode_available(weight: torch.Tensor) -> bool:

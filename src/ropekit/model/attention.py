@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ropekit.attention import AttentionVariant, sdpa
+from ropekit.dispatch import Recording
 from ropekit.extension import ExtensionSpec, parse_extension
 from ropekit.model.kv_cache import KVCache
 from ropekit.rope import RopeConfig, RotaryEmbedding, apply_rotary
@@ -39,6 +40,8 @@ class AttentionContext:
     slot ``past + t`` sees every slot up to its own; no padding anywhere).
     cos, sin: the rope table at ``positions`` (``positions.shape + (R/2,)``, float32), set by
     ``RopeAttention.prepare``. ``extra``: room for an attention's own per-forward tables.
+    recording: when set, every fused op of this pass runs through its planner and keeps its replay
+    call there (``ropekit.model.decode_graph``); None for an ordinary pass.
     """
 
     positions: torch.Tensor
@@ -51,6 +54,7 @@ class AttentionContext:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    recording: Recording | None = None
 
     @property
     def method(self) -> EngineAttention:
@@ -100,12 +104,15 @@ class RopeAttention(EngineAttention):
                context: AttentionContext) -> torch.Tensor:
         cache = context.cache
         if cache is not None and context.mask is None and q.shape[0] == 1 and q.shape[2] == 1:
+            recording = context.recording
             joint = adjacent_heads(q, k)
             if joint is not None:  # q and k are neighbours in one buffer (a fused decode step): one call
-                apply_rotary(joint, context.cos, context.sin, out=joint)
+                apply_rotary(joint, context.cos, context.sin, out=joint, recording=recording)
             else:
-                q, k = apply_rotary(q, context.cos, context.sin), apply_rotary(k, context.cos, context.sin)
-            return cache.attend_one(layer_idx, q, k, v, context.key_positions)  # one token: the decode kernel
+                q = apply_rotary(q, context.cos, context.sin, recording=recording)
+                k = apply_rotary(k, context.cos, context.sin, recording=recording)
+            # one token: the decode kernel
+            return cache.attend_one(layer_idx, q, k, v, context.key_positions, recording=recording)
         q = apply_rotary(q, context.cos, context.sin)
         k = apply_rotary(k, context.cos, context.sin)
         if cache is None:

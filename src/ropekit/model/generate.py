@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from ropekit.dispatch import use_backend
 from ropekit.kernels.decode import DECODE_OPS
 from ropekit.model.kv_cache import KVCache
 from ropekit.model.memory import request_bytes
 from ropekit.resources import available_memory, check_fits
-from ropekit.rope.dispatch import use_backend
 
 MAX_POSITIONS = 2**31  # positions are int32 in the fused kernels; a cache longer than this cannot be addressed
 
@@ -214,13 +214,15 @@ def prefill(model, prompt: Sequence[int], *, max_length: int | None = None, fast
 
 def _one_sequence(model, cache: KVCache, logits: torch.Tensor, max_new_tokens: int,
                   sample: Callable[[torch.Tensor], torch.Tensor], stop: set[int]) -> Iterator[torch.Tensor]:
-    """``generate_ids``'s loop for a batch of one: yields ``[1]`` tensors."""
+    """``generate_ids``'s loop for a batch of one: yields ``[1]`` tensors. Its steps run through a
+    ``DecodeGraph`` (recorded once, replayed; the eager forward where a step cannot be replayed)."""
+    graph = model.capture_decode(cache)
     for step in range(max_new_tokens):
         token = sample(logits)  # [1]
         yield token
         if int(token) in stop or step + 1 == max_new_tokens or cache.length == cache.max_len:
             return
-        logits = model(token[:, None], cache=cache)[:, -1]  # [1, 1] -> [1, V]
+        logits = graph.step(token[:, None])[:, -1]  # [1, 1] -> [1, V]
 
 
 def prepare_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:

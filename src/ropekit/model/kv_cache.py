@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ropekit.dispatch import Recording
 from ropekit.kernels.decode import decode_attention
 from ropekit.model.memory import kv_cache_bytes
 from ropekit.resources import check_fits
@@ -130,13 +131,14 @@ class KVCache:
         self._fill = [self.length + 1] * len(self._fill)
 
     def attend_one(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   positions: torch.Tensor) -> torch.Tensor:
+                   positions: torch.Tensor, recording: Recording | None = None) -> torch.Tensor:
         """One new token of a one-sequence cache: store k, v in the next slot of this layer and attend over
         slots 0..slot (the ``decode_attention`` op: a C++ kernel for float32 activations on the CPU).
 
         q ``[1, H, 1, D]`` and k ``[1, Hkv, 1, D]`` rotated, v ``[1, Hkv, 1, D]``, positions ``[1, 1]``.
         Returns ``[1, H, 1, D]`` in q's dtype. The layers of one forward share the step's slot: the
-        first opens it, the last closes it.
+        first opens it, the last closes it. ``recording``: keep the kernel call for replay (the slot is
+        then read from ``self.slot`` when the call runs).
         """
         if q.shape[0] != 1 or q.shape[2] != 1:
             raise ValueError(f"attend_one takes one token of one sequence, got q of shape {tuple(q.shape)}")
@@ -145,7 +147,8 @@ class KVCache:
         elif self._fill[layer_idx] != self._fill[0] - 1:
             raise ValueError(f"attend_one: layer {layer_idx} is not at the step layer 0 opened")
         out = decode_attention(q.reshape(-1), k.reshape(-1), v.reshape(-1), self.keys[layer_idx, 0],
-                               self.values[layer_idx, 0], self.slot, 1.0 / math.sqrt(q.shape[-1]))
+                               self.values[layer_idx, 0], self.slot, 1.0 / math.sqrt(q.shape[-1]),
+                               recording=recording)
         self._fill[layer_idx] += 1
         return out.view(q.shape).to(q.dtype)
 

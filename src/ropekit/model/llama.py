@@ -10,6 +10,10 @@ attention's ``prepare``) and passes them to every layer in an ``AttentionContext
 written once, in the decode ops of ``ropekit.kernels.decode``: torch ops for a prefill, fused
 C++ kernels for a one-token decode step on the CPU. Such a step keeps its activations in
 float32 whatever the weights' dtype (bfloat16 weights are widened exactly inside the kernels).
+``forward`` is always this plain pass. Every fused op a layer calls takes the context's
+``recording`` (None in an ordinary pass): ``capture_decode`` (``ropekit.model.decode_graph``)
+records one decode step through it and replays it, so a layer must call its fused ops through
+the dispatch point with that argument for its decode steps to stay replayable.
 """
 
 from __future__ import annotations
@@ -24,19 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ropekit.kernels.decode import (
-    decode_path,
-    fused_decode_available,
-    fused_decode_forced_off,
-    linear_residual,
-    norm_linear,
-    norm_swiglu,
-    rms_norm,
-)
+from ropekit.dispatch import Recording
+from ropekit.kernels.decode import decode_path, linear_residual, norm_linear, norm_swiglu, rms_norm
 from ropekit.model.attention import AttentionContext, EngineAttention, RopeAttention, build_mask
+from ropekit.model.decode_graph import DecodeGraph
 from ropekit.model.kv_cache import KVCache
 from ropekit.rope import RopeConfig, RotaryEmbedding
-from ropekit.rope.dispatch import is_recording, recording
 
 
 @dataclass(frozen=True)
@@ -122,10 +119,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """x ``[B, T, C]`` -> ``x + mlp(norm(x))``, ``[B, T, C]``."""
-        hidden = norm_swiglu(x, self.gate_proj.weight, self.up_proj.weight, norm.weight, norm.eps)  # [B, T, I]
-        return linear_residual(hidden, self.down_proj.weight, x)
+    def forward(self, x: torch.Tensor, norm: RMSNorm, recording: Recording | None = None) -> torch.Tensor:
+        """x ``[B, T, C]`` -> ``x + mlp(norm(x))``, ``[B, T, C]`` (``recording``: see ``AttentionContext``)."""
+        hidden = norm_swiglu(x, self.gate_proj.weight, self.up_proj.weight, norm.weight, norm.eps,
+                             recording=recording)  # [B, T, I]
+        return linear_residual(hidden, self.down_proj.weight, x, recording=recording)
 
 
 class Attention(nn.Module):
@@ -147,13 +145,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         projections = (self.q_proj, self.k_proj, self.v_proj)
         biases = [p.bias for p in projections] if self.q_proj.bias is not None else None
-        q, k, v = norm_linear(x, [p.weight for p in projections], norm.weight, norm.eps, biases)
+        q, k, v = norm_linear(x, [p.weight for p in projections], norm.weight, norm.eps, biases,
+                              recording=context.recording)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         out = context.attention.attend(self.layer_idx, q, k, v, context)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, H*D]
-        return linear_residual(out, self.o_proj.weight, x, self.o_proj.bias)
+        return linear_residual(out, self.o_proj.weight, x, self.o_proj.bias, recording=context.recording)
 
 
 class DecoderLayer(nn.Module):
@@ -173,7 +172,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         x = self.self_attn(x, self.input_layernorm, context)
-        return self.mlp(x, self.post_attention_layernorm)
+        return self.mlp(x, self.post_attention_layernorm, context.recording)
 
 
 class LlamaModel(nn.Module):
@@ -195,7 +194,6 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config.rope)
         self.attention = attention or RopeAttention()
-        self._decode_graph: DecodeGraph | None = None
 
     @property
     def attention_method(self) -> EngineAttention:
@@ -214,12 +212,10 @@ class LlamaModel(nn.Module):
         device = self.embed_tokens.weight.device
         self.rope = RotaryEmbedding(rope_config, device=device)
         self.config = self.config.with_rope(rope_config)
-        self._decode_graph = None
 
     def set_attention(self, attention: EngineAttention) -> None:
         """Install another attention (``VariantAttention(SelfExtend(...))``, ...)."""
         self.attention = attention
-        self._decode_graph = None
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A preallocated ``KVCache`` for this model."""
@@ -243,34 +239,37 @@ class LlamaModel(nn.Module):
         on_layer: called with i after layer i (progress of a long prefill).
         Returns float32 logits ``[B, T, V]`` (``[B, logits_to_keep, V]``).
         """
-        if positions is None and attention_mask is None and on_layer is None and cache is not None:
-            graph = self._decode_graph
-            if graph is not None and graph.replays(self, input_ids, cache):
-                return graph.replay(input_ids)
-            if DecodeGraph.can_record(self, input_ids, cache):
-                self._decode_graph = graph = DecodeGraph(self, cache)
-                return graph.record(input_ids)
         return self._logits(input_ids, positions, cache, attention_mask, logits_to_keep, on_layer)
 
-    def _logits(self, input_ids, positions, cache, attention_mask, logits_to_keep, on_layer) -> torch.Tensor:
+    def _logits(self, input_ids, positions, cache, attention_mask, logits_to_keep, on_layer,
+                recording: Recording | None = None) -> torch.Tensor:
         x = self.hidden_states(input_ids, positions, cache, attention_mask, normed=False,
-                               on_layer=on_layer)  # [B, T, C]
+                               on_layer=on_layer, recording=recording)  # [B, T, C]
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        (logits,) = norm_linear(x, [self.lm_head.weight], self.norm.weight, self.norm.eps)
+        (logits,) = norm_linear(x, [self.lm_head.weight], self.norm.weight, self.norm.eps, recording=recording)
         return logits.float()  # [B, T, V]
+
+    def capture_decode(self, cache: KVCache) -> DecodeGraph:
+        """A ``DecodeGraph`` for one-token steps on ``cache``: the first step runs this model's forward and
+        records its fused ops, later steps replay them (see ``ropekit.model.decode_graph``)."""
+        return DecodeGraph(self, cache)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None, attention_mask: torch.Tensor | None = None, *,
-                      normed: bool = True, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+                      normed: bool = True, on_layer: Callable[[int], None] | None = None,
+                      recording: Recording | None = None) -> torch.Tensor:
         """The last layer's hidden states ``[B, T, C]`` (after the final norm unless ``normed=False``):
-        ``forward`` without the output head. ``on_layer(i)`` is called after layer i (progress)."""
+        ``forward`` without the output head. ``on_layer(i)`` is called after layer i (progress).
+        ``recording``: run every fused op through its planner and keep its replay call there, with this
+        pass's input buffers (``inputs["context"]``, ``inputs["embedding"]``); see ``DecodeGraph``."""
         context = self.attention_context(input_ids, positions, cache, attention_mask)
+        context.recording = recording
         x = self.embed_tokens(input_ids)  # [B, T, C]
         if x.dtype != torch.float32 and input_ids.numel() == 1 and x.device.type == "cpu":
             x = x.float()  # a CPU decode step keeps its activations in float32 (the fused kernels' input)
-        if is_recording():
-            record_inputs(self, context, x)
+        if recording is not None:
+            recording.inputs.update(context=context, embedding=x)
         for i, layer in enumerate(self.layers):
             x = layer(x, context)
             if on_layer is not None:
@@ -300,86 +299,6 @@ class LlamaModel(nn.Module):
                                    mask=build_mask(valid, cache, past, T))
         self.attention.prepare(context)
         return context
-
-
-def record_inputs(model: LlamaModel, context: AttentionContext, x: torch.Tensor) -> None:
-    """While a decode step is recorded: keep its per-step inputs (the embedding buffer, the rope rows)."""
-    graph = model._decode_graph
-    if graph is not None:
-        graph.context, graph.embedding = context, x
-
-
-class DecodeGraph:
-    """One recorded one-token decode step of the model's own layers, run again for the next tokens.
-
-    Decoding streams every weight once per token; the Python between the kernels then runs on a
-    cold cache and costs more than the kernels' own calls. The first one-token step of a
-    one-sequence CPU cache runs the model's forward (the same layer code as every other step)
-    with ``ropekit.rope.dispatch.recording`` on: each fused op returns its output buffers and a
-    call that refills them. Later steps set the step's inputs (the token's embedding row, the
-    rope rows at its position, the cache slot) in those buffers and make the recorded calls, in
-    order. The logits equal the recorded forward's bit for bit (the same kernels on the same
-    buffers); the graph is dropped when the rope, the attention, the cache or the weights change.
-    """
-
-    def __init__(self, model: LlamaModel, cache: KVCache):
-        self.model, self.cache = model, cache
-        self.key = self._key(model, cache)
-        self.steps: list[Callable[[], None]] = []
-        self.context: AttentionContext | None = None
-        self.embedding: torch.Tensor | None = None
-        self.logits: torch.Tensor | None = None
-        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None  # static rope: cos/sin for every slot
-
-    @staticmethod
-    def _key(model: LlamaModel, cache: KVCache) -> tuple:
-        weight = model.embed_tokens.weight
-        return (id(cache), cache.keys.data_ptr(), id(model.attention), id(model.rope), weight.data_ptr(),
-                weight.dtype, model.lm_head.weight.data_ptr())
-
-    @staticmethod
-    def can_record(model: LlamaModel, input_ids: torch.Tensor, cache: KVCache) -> bool:
-        """A one-token step of a one-sequence CPU cache, plain rope attention, the fused kernels in force."""
-        return (type(model.attention) is RopeAttention and isinstance(input_ids, torch.Tensor)
-                and input_ids.shape == (1, 1) and input_ids.dtype == torch.long and cache.batch_size == 1
-                and not cache.padded and not torch.is_grad_enabled()
-                and fused_decode_available(model.embed_tokens.weight))
-
-    def replays(self, model: LlamaModel, input_ids: torch.Tensor, cache: KVCache) -> bool:
-        return (self.key == self._key(model, cache) and input_ids.shape == (1, 1) and not cache.padded
-                and not torch.is_grad_enabled() and fused_decode_forced_off() is False)
-
-    def record(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the step eagerly (the model's own forward) while recording it."""
-        with recording() as rec:
-            logits = self.model._logits(input_ids, None, self.cache, None, 0, None)
-        if self.context is None or self.embedding is None:
-            raise RuntimeError("the recorded decode step did not register its inputs")
-        self.steps, self.logits = rec.steps, logits
-        rope = self.model.rope
-        if not rope.config.is_dynamic:
-            self.tables = rope(torch.arange(self.cache.max_len))  # [S_max, R/2] each
-        return logits.clone()
-
-    def replay(self, input_ids: torch.Tensor) -> torch.Tensor:
-        model, cache, context = self.model, self.cache, self.context
-        token = int(input_ids[0, 0])
-        if not 0 <= token < model.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {model.config.vocab_size}), got [{token}, {token}]")
-        position = cache.next_position()
-        if self.tables is not None and position < self.tables[0].shape[0]:
-            context.cos.copy_(self.tables[0][position])
-            context.sin.copy_(self.tables[1][position])
-        else:
-            cos, sin = model.rope(torch.tensor([position]))  # [1, R/2]: length-dependent rope types
-            context.cos.copy_(cos)
-            context.sin.copy_(sin)
-        self.embedding.view(-1).copy_(model.embed_tokens.weight[token])
-        cache.open_slot(position)
-        for run in self.steps:
-            run()
-        cache.close_slot()
-        return self.logits.clone()
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:

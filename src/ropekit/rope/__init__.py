@@ -1,6 +1,6 @@
 """The rope core: frequencies for every rope type, typed configs, cos/sin, apply, the kernel dispatch point.
 
-Imports torch only. Fused kernels register themselves with ``ropekit.rope.dispatch`` from the
+Imports torch only. Fused kernels register themselves with ``ropekit.dispatch`` from the
 layer above (``ropekit.kernels``); the core never imports them.
 """
 

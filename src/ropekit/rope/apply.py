@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ropekit.rope.dispatch import register_backend, rotary_dispatch
+from ropekit.dispatch import Recording, register_backend, rotary_dispatch
 
 LAYOUTS = ("half", "interleaved")
 
@@ -125,18 +125,22 @@ def check_apply_args(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layo
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, layout: str = "half",
                  heads_first: bool = True, out: torch.Tensor | None = None,
-                 backend: str | None = None) -> torch.Tensor:
+                 backend: str | None = None, recording: Recording | None = None) -> torch.Tensor:
     """Rotate the first R = 2 * cos.shape[-1] channels of each head of ``x``.
 
     Shapes: x ``[B, H, T, D]`` (heads_first) or ``[B, T, H, D]``; cos/sin ``(T, R/2)`` or
     ``(B, T, R/2)``, broadcast over heads. Returns a tensor shaped and typed like x
     (``out`` if given; ``out=x`` rotates in place). Differentiable in x; with gradients needed
-    for cos/sin as well it runs the plain-op reference.
+    for cos/sin as well it runs the plain-op reference. ``recording``: keep this call for replay
+    (``ropekit.dispatch.Recording``; inference only).
     """
     check_apply_args(x, cos, sin, layout, heads_first, out)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
     if not needs_grad:
-        return rotary_dispatch(x, cos, sin, layout=layout, heads_first=heads_first, out=out, backend=backend)
+        return rotary_dispatch(x, cos, sin, layout=layout, heads_first=heads_first, out=out, backend=backend,
+                               recording=recording)
+    if recording is not None:
+        raise ValueError("a recorded rotation cannot take part in autograd")
     if out is not None:
         raise ValueError("out= cannot be used while autograd records x, cos or sin")
     if cos.requires_grad or sin.requires_grad:
