@@ -43,8 +43,6 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    if name == "METHODS":
-        return ropekit.rope.__getattr__(name)
     raise AttributeError(f"module 'ropekit' has no attribute {name!r}")
 
 
