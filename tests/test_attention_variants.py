@@ -310,16 +310,6 @@ def test_apply_extension_resets_to_base_rope():
     assert model.config.rope == base and isinstance(model.attention.variant, SelfExtend)
 
 
-def test_old_names_import_with_a_deprecation_warning():
-    import ropekit.model.extend as old
-
-    with pytest.warns(DeprecationWarning, match="parse_extension"):
-        assert old.parse_method is parse_extension
-    with pytest.warns(DeprecationWarning, match="SelfExtend"):
-        attention = old.SelfExtendAttention(group=2, window=4)
-    assert isinstance(attention.variant, SelfExtend) and attention.variant.group == 2
-
-
 @pytest.mark.parametrize("T,window,chunk", [(50, 7, 8), (33, 40, 16), (64, 1, 64)])
 def test_fast_prefill_path_equals_general_chunked_path(T, window, chunk):
     """The flash + log-sum-exp merge used for plain prefills equals the general masked path."""

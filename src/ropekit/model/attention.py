@@ -16,7 +16,6 @@ Install one with ``model.set_attention(...)``, or from a spec with ``apply_exten
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,13 +50,6 @@ class AttentionContext:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def method(self) -> EngineAttention:
-        """Deprecated name of ``attention``."""
-        warnings.warn("AttentionContext.method is deprecated; use AttentionContext.attention", DeprecationWarning,
-                      stacklevel=2)
-        return self.attention
 
     def all_key_positions(self) -> torch.Tensor:
         """``[B, S]`` long: the positions of every key this pass attends to (cached + new; -1 = padding)."""
@@ -207,11 +199,3 @@ def _key_valid(valid_new: torch.Tensor | None, cache: KVCache | None, past: int,
 __all__ = ["AttentionContext", "EngineAttention", "RopeAttention", "VariantAttention", "apply_extension",
            "attention_for", "build_mask"]
 
-
-def __getattr__(name: str) -> Any:
-    """Deprecated (one release): ``AttentionMethod`` is ``RopeAttention``."""
-    if name == "AttentionMethod":
-        warnings.warn("AttentionMethod is deprecated; use ropekit.model.RopeAttention (the plain rope attention) "
-                      "or subclass ropekit.model.EngineAttention", DeprecationWarning, stacklevel=2)
-        return RopeAttention
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -196,13 +195,6 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(config.rope)
         self.attention = attention or RopeAttention()
         self._decode_graph: DecodeGraph | None = None
-
-    @property
-    def attention_method(self) -> EngineAttention:
-        """Deprecated name of ``attention``."""
-        warnings.warn("LlamaModel.attention_method is deprecated; use LlamaModel.attention", DeprecationWarning,
-                      stacklevel=2)
-        return self.attention
 
     def set_rope(self, rope: RopeConfig | Mapping | str) -> None:
         """Switch the rope type at run time (a RopeConfig, HF rope_parameters dict, or spec string).
