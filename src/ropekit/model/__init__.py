@@ -4,12 +4,12 @@ from ropekit.model.attention import (
     AttentionContext,
     EngineAttention,
     RopeAttention,
-    VariantAttention,
+    VariantHook,
     apply_extension,
 )
 from ropekit.model.kv_cache import KVCache
 from ropekit.model.llama import LlamaConfig, LlamaModel
 
 __all__ = ["AttentionContext", "EngineAttention", "KVCache", "LlamaConfig", "LlamaModel", "RopeAttention",
-           "VariantAttention", "apply_extension"]
+           "VariantHook", "apply_extension"]
 

@@ -7,9 +7,10 @@ mask) and hands it to every layer. ``context.attention.prepare(context)`` runs o
 
 - ``RopeAttention`` (the default): plain RoPE on q and k, keys cached rotated, scaled dot-product
   attention; a one-token step of one sequence goes through the ``decode_attention`` kernel.
-- ``VariantAttention(variant)``: any attention variant of ``ropekit.attention`` (Self-Extend,
-  ReRoPE, cache-consistent dynamic scaling, ...): keys cached unrotated, the variant's tables
-  computed once per forward from every key's position, its ``attend`` called per layer.
+- ``VariantHook(variant)``: the engine-side hook that runs one attention variant of
+  ``ropekit.attention`` (an ``AttentionVariant``: Self-Extend, ReRoPE, cache-consistent dynamic
+  scaling, ...): keys cached unrotated, the variant's tables computed once per forward from every
+  key's position, its ``attend`` called per layer.
 
 Install one with ``model.set_attention(...)``, or from a spec with ``apply_extension``.
 """
@@ -117,8 +118,14 @@ def adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     return q.as_strided((1, q.shape[1] + k.shape[1], 1, D), (q.stride(0), D, q.stride(2), 1))
 
 
-class VariantAttention(EngineAttention):
-    """An ``ropekit.attention`` variant in the engine: keys cached unrotated, tables once per forward."""
+class VariantHook(EngineAttention):
+    """The engine's attention hook for one ``AttentionVariant``; not itself a variant, it runs one in the model.
+
+    ``variant`` (from ``ropekit.attention``) holds the maths; this hook adapts it to ``EngineAttention``:
+    keys are cached unrotated, ``prepare`` computes the variant's tables once per forward from the query
+    positions ``[B, T]`` and every key's position ``[B, S]``, and ``attend`` takes q ``[B, H, T, D]``, this
+    pass's k/v ``[B, Hkv, T, D]`` (appended to the cache) and returns ``[B, H, T, D]``.
+    """
 
     def __init__(self, variant: AttentionVariant):
         self.variant = variant
@@ -136,13 +143,13 @@ class VariantAttention(EngineAttention):
         return self.variant.attend(q, k, v, context.extra["tables"], context.mask)
 
     def __repr__(self) -> str:
-        return f"VariantAttention({self.variant!r})"
+        return f"VariantHook({self.variant!r})"
 
 
 def attention_for(spec: ExtensionSpec) -> EngineAttention:
     """The engine attention a spec asks for: its variant, or plain rope attention."""
     variant = spec.variant()
-    return RopeAttention() if variant is None else VariantAttention(variant)
+    return RopeAttention() if variant is None else VariantHook(variant)
 
 
 def apply_extension(model, spec: str | ExtensionSpec, base_rope: RopeConfig | None = None) -> ExtensionSpec:
@@ -196,6 +203,6 @@ def _key_valid(valid_new: torch.Tensor | None, cache: KVCache | None, past: int,
     return torch.cat(parts, dim=1)
 
 
-__all__ = ["AttentionContext", "EngineAttention", "RopeAttention", "VariantAttention", "apply_extension",
+__all__ = ["AttentionContext", "EngineAttention", "RopeAttention", "VariantHook", "apply_extension",
            "attention_for", "build_mask"]
 

@@ -209,7 +209,7 @@ class LlamaModel(nn.Module):
         self._decode_graph = None
 
     def set_attention(self, attention: EngineAttention) -> None:
-        """Install another attention (``VariantAttention(SelfExtend(...))``, ...)."""
+        """Install another attention (``VariantHook(SelfExtend(...))``, ...)."""
         self.attention = attention
         self._decode_graph = None
 
