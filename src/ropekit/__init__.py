@@ -1,7 +1,9 @@
 """ropekit: rotary position embeddings for LLaMA-family models, exact, fast, and measured past the trained length.
 
 ``import ropekit`` loads the rope core and registers the fused kernels (torch and numpy only);
-everything else (model loading, generation, evaluation) is imported on first use of its name.
+everything else is imported on first use of its name: the subpackages (``ropekit.hf``,
+``ropekit.eval``, ``ropekit.model``, ...) and the lazy top-level names (``load_model``,
+``generate``, ``parse_extension``, ...).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from ropekit.rope import (
 
 __version__ = "0.2.0"
 
+# subpackages and modules reachable as ``ropekit.<name>``, imported on first access (PEP 562)
+_SUBMODULES = ("attention", "cli", "convert", "demos", "eval", "extension", "hf", "kernels", "loading", "model",
+               "rope")
+
 # name -> module that defines it, imported on first access (PEP 562)
 _LAZY = {
     "load_model": "ropekit.loading",
@@ -39,6 +45,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    """``ropekit.<subpackage>`` and the lazy top-level names, imported on first access."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
@@ -47,4 +56,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
