@@ -9,6 +9,7 @@ everything else is imported on first use of its name: the subpackages (``ropekit
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
 import ropekit.kernels  # noqa: F401  (registers the fused kernels with the core's dispatch point)
@@ -25,9 +26,8 @@ from ropekit.rope import (
 
 __version__ = "0.2.0"
 
-# subpackages and modules reachable as ``ropekit.<name>``, imported on first access (PEP 562)
-_SUBMODULES = ("attention", "cli", "convert", "demos", "eval", "extension", "hf", "kernels", "loading", "model",
-               "rope")
+# every subpackage and module in this folder, reachable as ``ropekit.<name>``, imported on first access (PEP 562)
+_SUBMODULES = frozenset(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
 
 # name -> module that defines it, imported on first access (PEP 562)
 _LAZY = {
