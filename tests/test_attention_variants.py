@@ -21,7 +21,7 @@ from tiny_llama import tiny_model
 from ropekit.attention import ConsistentDynamic, ReRope, SelfExtend, fast_prefill_attention, merged_attention
 from ropekit.attention.remap import flash_with_lse
 from ropekit.extension import parse_extension
-from ropekit.model import KVCache, RopeAttention, VariantAttention, apply_extension
+from ropekit.model import KVCache, RopeAttention, VariantHook, apply_extension
 from ropekit.rope import RopeConfig, RotaryEmbedding
 
 B, H, HKV, D = 2, 4, 2, 16
@@ -139,7 +139,7 @@ def test_window_longer_than_text_is_plain_rope(variant):
     ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids)
-        model.set_attention(VariantAttention(variant))
+        model.set_attention(VariantHook(variant))
         torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -216,7 +216,7 @@ def test_consistent_dynamic_uses_current_frequencies_for_every_key():
     """Raw q/k/v through the engine's cache: after a cached prefix, the step's output equals SDPA with
     all keys rotated at the frequencies of the current length (the variant run from scratch)."""
     rope = rope_of("dynamic:factor=2", trained=8)
-    attention = VariantAttention(ConsistentDynamic())
+    attention = VariantHook(ConsistentDynamic())
     q, k, v = qkv(30, seed=4, dtype=torch.float32)
     from ropekit.model.attention import AttentionContext, build_mask
 
@@ -308,16 +308,6 @@ def test_apply_extension_resets_to_base_rope():
     assert model.config.rope.rope_type == "yarn" and isinstance(model.attention, RopeAttention)
     apply_extension(model, "self-extend:group=2,window=4", base)
     assert model.config.rope == base and isinstance(model.attention.variant, SelfExtend)
-
-
-def test_old_names_import_with_a_deprecation_warning():
-    import ropekit.model.extend as old
-
-    with pytest.warns(DeprecationWarning, match="parse_extension"):
-        assert old.parse_method is parse_extension
-    with pytest.warns(DeprecationWarning, match="SelfExtend"):
-        attention = old.SelfExtendAttention(group=2, window=4)
-    assert isinstance(attention.variant, SelfExtend) and attention.variant.group == 2
 
 
 @pytest.mark.parametrize("T,window,chunk", [(50, 7, 8), (33, 40, 16), (64, 1, 64)])

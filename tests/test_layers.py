@@ -3,6 +3,7 @@ kernel registration that never hides a bug."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,51 @@ def test_lazy_names_resolve():
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ropekit.loading", "ropekit.extension", "attention", "variant"]
+
+
+def readme_api_names() -> list[str]:
+    """The dotted names in the first column of the README's API table, completed to ``ropekit.<...>``.
+
+    A cell lists names such as ``ropekit.hf.patch(model, spec)``, ``unpatch(model)``: a bare name
+    lives beside the name before it, a dotted one that does not start at ``ropekit`` (``RopeConfig.from_gguf``)
+    under ``ropekit``.
+    """
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    names = []
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        parent = "ropekit"
+        for item in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
+            name = item.split("(")[0].strip()
+            if "." not in name:
+                name = f"{parent}.{name}"
+            elif not name.startswith("ropekit."):
+                name = f"ropekit.{name}"
+            names.append(name)
+            parent = name.rsplit(".", 1)[0]
+    return names
+
+
+def test_readme_api_names_work_after_a_plain_import():
+    """Every name in the README's API table resolves after ``import ropekit`` alone, and ``dir(ropekit)``
+    lists its first component (subpackages included)."""
+    names = readme_api_names()
+    assert {"ropekit.hf.patch", "ropekit.hf.unpatch", "ropekit.convert.translate", "ropekit.eval.Sweeper",
+            "ropekit.RopeConfig.to_vllm"} <= set(names), names
+    result = run_python(f"""
+        import functools
+        import ropekit
+        listed = set(dir(ropekit))
+        for name in {names!r}:
+            parts = name.split(".")[1:]
+            assert parts[0] in listed, f"dir(ropekit) lacks {{parts[0]}}"
+            functools.reduce(getattr, parts, ropekit)
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip() == "ok"
 
 
 def test_a_bug_in_a_kernel_module_is_not_hidden():

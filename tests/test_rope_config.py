@@ -54,15 +54,6 @@ def test_registry_covers_every_type_with_a_source():
     assert ROPE_TYPES["none"] is ROPE_TYPES["default"] and ROPE_TYPES.resolve("pi") == "linear"
 
 
-def test_old_names_still_import_with_a_deprecation_warning():
-    with pytest.warns(DeprecationWarning, match="ROPE_TYPES"):
-        from ropekit.rope.config import METHODS
-    assert METHODS is ROPE_TYPES
-    rc = RopeConfig.from_hf(BASE)
-    with pytest.warns(DeprecationWarning, match="with_rope_type"):
-        assert rc.with_method("linear:factor=2") == rc.with_rope_type("linear:factor=2")
-
-
 def test_pretrained_config_is_accepted():
     from transformers import LlamaConfig
 

@@ -7,16 +7,16 @@ mask) and hands it to every layer. ``context.attention.prepare(context)`` runs o
 
 - ``RopeAttention`` (the default): plain RoPE on q and k, keys cached rotated, scaled dot-product
   attention; a one-token step of one sequence goes through the ``decode_attention`` kernel.
-- ``VariantAttention(variant)``: any attention variant of ``ropekit.attention`` (Self-Extend,
-  ReRoPE, cache-consistent dynamic scaling, ...): keys cached unrotated, the variant's tables
-  computed once per forward from every key's position, its ``attend`` called per layer.
+- ``VariantHook(variant)``: the engine-side hook that runs one attention variant of
+  ``ropekit.attention`` (an ``AttentionVariant``: Self-Extend, ReRoPE, cache-consistent dynamic
+  scaling, ...): keys cached unrotated, the variant's tables computed once per forward from every
+  key's position, its ``attend`` called per layer.
 
 Install one with ``model.set_attention(...)``, or from a spec with ``apply_extension``.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,13 +55,6 @@ class AttentionContext:
     sin: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     recording: Recording | None = None
-
-    @property
-    def method(self) -> EngineAttention:
-        """Deprecated name of ``attention``."""
-        warnings.warn("AttentionContext.method is deprecated; use AttentionContext.attention", DeprecationWarning,
-                      stacklevel=2)
-        return self.attention
 
     def all_key_positions(self) -> torch.Tensor:
         """``[B, S]`` long: the positions of every key this pass attends to (cached + new; -1 = padding)."""
@@ -132,8 +125,14 @@ def adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     return q.as_strided((1, q.shape[1] + k.shape[1], 1, D), (q.stride(0), D, q.stride(2), 1))
 
 
-class VariantAttention(EngineAttention):
-    """An ``ropekit.attention`` variant in the engine: keys cached unrotated, tables once per forward."""
+class VariantHook(EngineAttention):
+    """The engine's attention hook for one ``AttentionVariant``; not itself a variant, it runs one in the model.
+
+    ``variant`` (from ``ropekit.attention``) holds the maths; this hook adapts it to ``EngineAttention``:
+    keys are cached unrotated, ``prepare`` computes the variant's tables once per forward from the query
+    positions ``[B, T]`` and every key's position ``[B, S]``, and ``attend`` takes q ``[B, H, T, D]``, this
+    pass's k/v ``[B, Hkv, T, D]`` (appended to the cache) and returns ``[B, H, T, D]``.
+    """
 
     def __init__(self, variant: AttentionVariant):
         self.variant = variant
@@ -151,13 +150,13 @@ class VariantAttention(EngineAttention):
         return self.variant.attend(q, k, v, context.extra["tables"], context.mask)
 
     def __repr__(self) -> str:
-        return f"VariantAttention({self.variant!r})"
+        return f"VariantHook({self.variant!r})"
 
 
 def attention_for(spec: ExtensionSpec) -> EngineAttention:
     """The engine attention a spec asks for: its variant, or plain rope attention."""
     variant = spec.variant()
-    return RopeAttention() if variant is None else VariantAttention(variant)
+    return RopeAttention() if variant is None else VariantHook(variant)
 
 
 def apply_extension(model, spec: str | ExtensionSpec, base_rope: RopeConfig | None = None) -> ExtensionSpec:
@@ -211,14 +210,6 @@ def _key_valid(valid_new: torch.Tensor | None, cache: KVCache | None, past: int,
     return torch.cat(parts, dim=1)
 
 
-__all__ = ["AttentionContext", "EngineAttention", "RopeAttention", "VariantAttention", "apply_extension",
+__all__ = ["AttentionContext", "EngineAttention", "RopeAttention", "VariantHook", "apply_extension",
            "attention_for", "build_mask"]
 
-
-def __getattr__(name: str) -> Any:
-    """Deprecated (one release): ``AttentionMethod`` is ``RopeAttention``."""
-    if name == "AttentionMethod":
-        warnings.warn("AttentionMethod is deprecated; use ropekit.model.RopeAttention (the plain rope attention) "
-                      "or subclass ropekit.model.EngineAttention", DeprecationWarning, stacklevel=2)
-        return RopeAttention
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

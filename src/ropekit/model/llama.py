@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -195,13 +194,6 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(config.rope)
         self.attention = attention or RopeAttention()
 
-    @property
-    def attention_method(self) -> EngineAttention:
-        """Deprecated name of ``attention``."""
-        warnings.warn("LlamaModel.attention_method is deprecated; use LlamaModel.attention", DeprecationWarning,
-                      stacklevel=2)
-        return self.attention
-
     def set_rope(self, rope: RopeConfig | Mapping | str) -> None:
         """Switch the rope type at run time (a RopeConfig, HF rope_parameters dict, or spec string).
 
@@ -214,7 +206,7 @@ class LlamaModel(nn.Module):
         self.config = self.config.with_rope(rope_config)
 
     def set_attention(self, attention: EngineAttention) -> None:
-        """Install another attention (``VariantAttention(SelfExtend(...))``, ...)."""
+        """Install another attention (``VariantHook(SelfExtend(...))``, ...)."""
         self.attention = attention
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

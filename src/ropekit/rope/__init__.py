@@ -4,8 +4,6 @@ Imports torch only. Fused kernels register themselves with ``ropekit.dispatch`` 
 layer above (``ropekit.kernels``); the core never imports them.
 """
 
-from typing import Any
-
 from ropekit.rope.apply import LAYOUTS, apply_rotary, apply_rotary_positions, apply_rotary_qk, rotate_reference
 from ropekit.rope.config import ROPE_TYPES, RopeConfig, RopeType, canonical_rope_type, compute_inv_freq, parse_spec
 from ropekit.rope.cos_sin import rope_cos_sin, rotation_angles
@@ -17,11 +15,3 @@ __all__ = [
     "rotation_angles",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """Deprecated names (one release): ``METHODS`` is ``ROPE_TYPES``, ``RopeMethod`` is ``RopeType``."""
-    if name in ("METHODS", "RopeMethod"):
-        from ropekit.rope import config
-
-        return getattr(config, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,6 @@ The type is always named explicitly by ``rope_type``; it is never guessed from k
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,12 +110,6 @@ class RopeConfig:
         return ROPE_TYPES[self.rope_type]
 
     @property
-    def method(self) -> RopeType:
-        """Deprecated name of ``entry``."""
-        _deprecated("RopeConfig.method", "RopeConfig.entry")
-        return self.entry
-
-    @property
     def rotary_dim(self) -> int:
         """R: the number of channels rotated (and 2 * the number of frequencies returned)."""
         if self.rope_type == "proportional":
@@ -217,11 +210,6 @@ class RopeConfig:
               "original_max_position_embeddings": self.original_max_position_embeddings,
               "partial_rotary_factor": self.partial_rotary_factor, "rope_parameters": rope_parameters}
         return _parse_hf(hf)
-
-    def with_method(self, spec: str | Mapping | RopeConfig) -> RopeConfig:
-        """Deprecated name of ``with_rope_type``."""
-        _deprecated("RopeConfig.with_method", "RopeConfig.with_rope_type")
-        return self.with_rope_type(spec)
 
     def describe(self) -> str:
         """One line: type and non-default parameters."""
@@ -348,16 +336,3 @@ def compute_inv_freq(config: Any, seq_len: int | None = None) -> tuple[torch.Ten
         seq_len = check_number("seq_len", seq_len, low=0, integer=True)
     return RopeConfig.from_hf(config).frequencies(seq_len)
 
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
-
-
-def __getattr__(name: str) -> Any:
-    """Old names, importable for one release: METHODS (now ROPE_TYPES), RopeMethod (now RopeType)."""
-    renamed = {"METHODS": ("ROPE_TYPES", ROPE_TYPES), "RopeMethod": ("RopeType", RopeType)}
-    if name in renamed:
-        new, value = renamed[name]
-        _deprecated(f"ropekit.rope.config.{name}", f"ropekit.rope.{new}")
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
