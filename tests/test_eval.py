@@ -381,24 +381,12 @@ def test_seed_claim_plain_rope_breaks_past_trained_length_yarn_does_not(smollm2_
 
 
 def test_table_marks_sliding_runs_and_reports_text_beyond():
-    from ropekit.eval.report import perplexity_table
+    from ropekit.eval.tables import perplexity_table
 
     base = {"method": "none", "ppl": 2.0, "ppl_in_window": 1.5, "tokens_scored": 63, "seconds": 1.0,
             "peak_mem_mb": 10.0}
-    single = {**base, "length": 64, "ppl_beyond": 3.0, "protocol": "single", "windows": 1}  # no ppl_text_beyond
+    single = {**base, "length": 64, "ppl_beyond": 3.0, "ppl_text_beyond": 3.0, "protocol": "single", "windows": 1}
     sliding = {**base, "length": 32, "ppl_beyond": None, "ppl_text_beyond": 2.5, "protocol": "sliding", "stride": 16}
     rows = perplexity_table([single, sliding]).splitlines()[2:]
     assert rows[0].startswith("| `none` | 64 | 2.00 | 1.50 | 3.00 | 3.00 |")
     assert rows[1].startswith("| `none (sliding 32/16)` | 32 | 2.00 | 1.50 | - | 2.50 |")
-
-
-def test_passkey_grid_pools_seeds_of_a_cell():
-    from ropekit.eval.report import passkey_grid
-
-    records = [{"method": "m", "length": 100, "depth": 0.5, "correct": 1, "trials": 1},
-               {"method": "m", "length": 100, "depth": 0.5, "correct": 0, "trials": 3},
-               {"method": "m", "length": 200, "depth": 0.1, "correct": 2, "trials": 2},
-               {"method": "other", "length": 100, "depth": 0.1, "correct": 0, "trials": 1}]
-    grid = passkey_grid(records, "m", [100, 200], [0.1, 0.5])
-    assert grid[0][1] == 0.25 and grid[1][0] == 1.0
-    assert math.isnan(grid[0][0]) and math.isnan(grid[1][1])

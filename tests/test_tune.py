@@ -1,4 +1,5 @@
-"""``ropekit tune``: the candidate grids and the LongRoPE search as pure functions, checked against formulas
+"""``ropekit tune``: the candidate grids (``tune_grids``) and the LongRoPE search (``longrope_search``) as pure
+functions, checked against formulas
 written here (isotonic regression by its min-max formula, NTK/PI curves, transformers' YaRN and LongRoPE
 frequencies); end-to-end runs of every family on a tiny model, whose numbers are recomputed from full
 logits; resuming; the held-out window; argument errors."""
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from rope_reference import transformers_inv_freq
 from tiny_llama import tiny_model, write_gguf
 
+import ropekit.eval.longrope_search as search
 import ropekit.eval.tune as tune
+import ropekit.eval.tune_grids as grids
 from ropekit.cli import main
 from ropekit.convert.plan import plan_extension
 from ropekit.eval.passkey import first_integer, trial_keys
@@ -69,19 +72,19 @@ def isotonic_min_max(x: list[float]) -> list[float]:
 def test_project_monotone_is_the_isotonic_regression(seed):
     rng = random.Random(seed)
     x = [rng.uniform(0, 5) for _ in range(rng.randint(1, 12))]
-    got = tune.project_monotone(x)
+    got = search.project_monotone(x)
     assert got == pytest.approx(isotonic_min_max(x), abs=1e-12)
     assert all(a <= b for a, b in zip(got, got[1:], strict=False))
 
 
 def test_project_factors_is_monotone_on_the_grid_and_bounded():
-    got = tune.project_factors([0.3, 5.0, 2.004, 2.0, 9.0], 1.0, 4.0)
+    got = search.project_factors([0.3, 5.0, 2.004, 2.0, 9.0], 1.0, 4.0)
     assert got == (1.0, 3.0, 3.0, 3.0, 4.0)  # isotonic: [0.3, 3.0013, 3.0013, 3.0013, 9] -> grid -> [1, 4]
 
 
 def test_initial_curves_follow_the_formulas():
     s, pairs = 2.0, 8
-    curves = tune.initial_curves(BASE, 64)
+    curves = search.initial_curves(BASE, 64)
     assert curves["pi"] == (2.0,) * pairs
     assert curves["ntk"] == pytest.approx([round(s ** (i / (pairs - 1)), 2) for i in range(pairs)], abs=1e-12)
     # NTK's curve is the frequency ratio of the NTK base b * s^(d/(d-2)) (rope type ntk) to the own base
@@ -98,9 +101,9 @@ def test_longrope_spec_is_what_transformers_runs():
     """The searched factors as a spec: past the trained length, theta_i / long_factor_i and the attention
     factor sqrt(1 + ln s / ln L), as transformers' longrope computes them."""
     factors = (1.0, 1.1, 1.3, 1.5, 1.9, 2.0, 2.0, 3.25)
-    spec = tune.longrope_spec(factors, BASE, 64)
+    spec = search.longrope_spec(factors, BASE, 64)
     rope = parse_extension(spec).rope_config(BASE)
-    assert tune.long_factors(spec) == factors
+    assert search.long_factors(spec) == factors
     ours, attention = rope.frequencies(64)
     hf = {"head_dim": 16, "max_position_embeddings": TRAINED, "rope_parameters": {
         "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": list(factors),
@@ -115,16 +118,16 @@ def test_longrope_spec_is_what_transformers_runs():
 
 def scored_population(seed: int) -> list[tuple[tuple[float, ...], float]]:
     rng = random.Random(seed)
-    return [(tune.project_factors([rng.uniform(1, 4) for _ in range(8)], 1.0, 4.0), rng.random())
+    return [(search.project_factors([rng.uniform(1, 4) for _ in range(8)], 1.0, 4.0), rng.random())
             for _ in range(6)]
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_next_generation_is_monotone_bounded_new_and_deterministic(seed):
     scored = scored_population(seed)
-    children = tune.next_generation(scored, 8, random.Random(seed), 1.0, 4.0)
-    assert children == tune.next_generation(scored, 8, random.Random(seed), 1.0, 4.0)
-    assert children != tune.next_generation(scored, 8, random.Random(seed + 100), 1.0, 4.0)
+    children = search.next_generation(scored, 8, random.Random(seed), 1.0, 4.0)
+    assert children == search.next_generation(scored, 8, random.Random(seed), 1.0, 4.0)
+    assert children != search.next_generation(scored, 8, random.Random(seed + 100), 1.0, 4.0)
     assert len(children) == 8 and len(set(children)) == 8
     parents = {f for f, _ in scored}
     for child in children:
@@ -135,10 +138,10 @@ def test_next_generation_is_monotone_bounded_new_and_deterministic(seed):
 
 def test_next_generation_breeds_from_the_best():
     """Children come from the PARENTS best: with the others far away (all factors 4), no child is near them."""
-    good = [(tuple(1.0 + 0.1 * i for i in range(8)), 0.1 * j) for j in range(tune.PARENTS)]
-    good = [(tune.project_factors([f + 0.05 * j for f in g], 1.0, 4.0), key) for j, (g, key) in enumerate(good)]
+    good = [(tuple(1.0 + 0.1 * i for i in range(8)), 0.1 * j) for j in range(search.PARENTS)]
+    good = [(search.project_factors([f + 0.05 * j for f in g], 1.0, 4.0), key) for j, (g, key) in enumerate(good)]
     bad = [((4.0,) * 8, 10.0 + j) for j in range(4)]
-    for child in tune.next_generation(bad + good, 8, random.Random(1), 1.0, 4.0):
+    for child in search.next_generation(bad + good, 8, random.Random(1), 1.0, 4.0):
         assert max(child) < 3.0
 
 
@@ -146,7 +149,7 @@ def test_grids_start_with_the_plan_and_reach_the_target():
     n = 100
     plan = {c.family: c.spec for c in plan_extension(BASE, n)}
     for family in ("yarn", "self-extend", "leaky-rerope"):
-        grid = tune.GRIDS[family](BASE, n)
+        grid = grids.GRIDS[family](BASE, n)
         assert grid[0] == plan[family] and len(grid) == len(set(grid)) > 5
         for spec in grid:
             p = parse_extension(spec)
@@ -161,12 +164,60 @@ def test_grids_start_with_the_plan_and_reach_the_target():
                 assert p.rope["factor"] >= n / TRAINED
 
 
+def test_grid_reach_rules_give_the_plan_parameters_at_its_window():
+    """At the plan's window L/2 the grids' least group and leak are the plan's own."""
+    for n in (33, 64, 100, 1000):
+        plan = {c.family: parse_extension(c.spec).attention_params for c in plan_extension(BASE, n)
+                if c.family in ("self-extend", "leaky-rerope")}
+        window = TRAINED // 2
+        assert plan["self-extend"].window == window == plan["leaky-rerope"].window
+        assert grids.least_group(TRAINED, n, window) == plan["self-extend"].group
+        assert math.ceil(grids.least_leak(TRAINED, n, window) * 100) / 100 == pytest.approx(plan["leaky-rerope"].k)
+
+
+def test_yarn_grid_scales_the_plan_factor():
+    plan_factor = parse_extension(grids.plan_spec("yarn", BASE, 100)).rope["factor"]
+    factors = {parse_extension(spec).rope["factor"] for spec in grids.yarn_grid(BASE, 100)}
+    assert factors == {math.ceil(plan_factor * scale * 1000 - 1e-9) / 1000 for scale in grids.YARN_SCALES}
+
+
+def test_evolve_scores_the_budget_once_each_from_the_plan_seed():
+    calls = []
+
+    def score(factors):
+        calls.append(factors)
+        return sum(factors)
+
+    scored = search.evolve(BASE, 64, 13, 0, score)
+    assert [f for f, _ in scored] == calls and len(calls) == 13 == len(set(calls))
+    assert calls[0] == search.initial_curves(BASE, 64)["yarn"]
+    assert search.longrope_spec(calls[0], BASE, 64) == grids.plan_spec("longrope", BASE, 64)
+    assert search.evolve(BASE, 64, 13, 0, sum) == scored and search.evolve(BASE, 64, 13, 1, sum) != scored
+    assert search.evolve(BASE, 64, 3, 0, sum) == scored[:3]
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_held_out_check_gives_best_and_default_their_own_dicts(same):
+    class Stub:
+        log = staticmethod(lambda line: None)
+
+        def measure(self, spec, split):
+            return {"ppl": 2.0, "ppl_in_window": 1.5, "ppl_beyond": 2.5, "spec": spec, "split": split}
+
+    best = {"spec": "a", "calibration": {}}
+    default = {"spec": "a" if same else "b", "calibration": {}}
+    tune.Tuner.held_out_check(Stub(), best, default)
+    assert best["held_out"]["split"] == default["held_out"]["split"] == "held-out"
+    assert default["held_out"]["spec"] == default["spec"] and best["held_out"] is not default["held_out"]
+
+
 def test_order_candidates_is_seeded_and_keeps_the_default_first():
     grid = [f"s{i}" for i in range(10)]
-    a = tune.order_candidates(grid, 4, 0)
-    assert a == tune.order_candidates(grid, 4, 0) and a[0] == "s0" and len(a) == 4
-    assert tune.order_candidates(grid, 100, 0)[:4] == a and sorted(tune.order_candidates(grid, 100, 0)) == sorted(grid)
-    assert any(tune.order_candidates(grid, 10, s) != tune.order_candidates(grid, 10, 0) for s in range(1, 4))
+    a = grids.order_candidates(grid, 4, 0)
+    assert a == grids.order_candidates(grid, 4, 0) and a[0] == "s0" and len(a) == 4
+    every = grids.order_candidates(grid, 100, 0)
+    assert every[:4] == a and sorted(every) == sorted(grid)
+    assert any(grids.order_candidates(grid, 10, s) != grids.order_candidates(grid, 10, 0) for s in range(1, 4))
 
 
 def test_split_windows_are_disjoint_halves():
@@ -189,13 +240,13 @@ def test_rank_key_orders_each_objective():
 def test_cli_family_list_is_the_eval_layers():
     from ropekit.cli import tune as cli_tune
 
-    assert cli_tune.FAMILIES == tune.FAMILIES
+    assert cli_tune.FAMILIES == grids.FAMILIES
 
 
 # ---- end to end on a tiny model ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", tune.FAMILIES)
+@pytest.mark.parametrize("family", grids.FAMILIES)
 def test_cli_tune_runs_each_family_and_reports_true_numbers(family, tiny_gguf, text_file, tmp_path, capsys):
     from ropekit.eval.text import encode_text, load_text
     from ropekit.loading import load_model
@@ -209,7 +260,7 @@ def test_cli_tune_runs_each_family_and_reports_true_numbers(family, tiny_gguf, t
     assert [c["rank"] for c in candidates] == [1, 2, 3, 4] and candidates[0]["spec"] == best["spec"]
     beyond = [c["calibration"]["ppl_beyond"] for c in candidates]
     assert beyond == sorted(beyond)
-    assert default["spec"] == tune.plan_spec(family, BASE, n)
+    assert default["spec"] == grids.plan_spec(family, BASE, n)
     assert all(parse_extension(c["spec"]).rope_config(BASE) for c in candidates)
 
     # the numbers, recomputed from full logits of the windows the summary names

@@ -105,9 +105,10 @@ def wants_passkey(args) -> bool:
 
 
 def run(args) -> int:
-    from ropekit.eval.report import passkey_table, perplexity_table, write_outputs
+    from ropekit.eval.report import write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, check_methods
+    from ropekit.eval.tables import passkey_table, perplexity_table
     from ropekit.eval.text import encode_text, load_text, text_name, text_sha256
 
     if args.method:

@@ -100,9 +100,10 @@ def load(args):
 
 
 def run_perplexity(args) -> int:
-    from ropekit.eval.report import perplexity_table, write_outputs
+    from ropekit.eval.report import write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, check_max_tokens
+    from ropekit.eval.tables import perplexity_table
     from ropekit.eval.text import encode_text, load_text, text_name, text_sha256
 
     methods, lengths, out = setup(args)
@@ -127,9 +128,10 @@ def run_perplexity(args) -> int:
 
 def run_passkey(args) -> int:
     from ropekit.eval.passkey import check_task
-    from ropekit.eval.report import passkey_table, write_outputs
+    from ropekit.eval.report import write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, parse_float_list
+    from ropekit.eval.tables import passkey_table
 
     methods, lengths, out = setup(args)
     depths = parse_float_list(args.depths, "--depths")

@@ -23,7 +23,7 @@ from ropekit.cli.common import (
     command_line,
 )
 
-# ropekit.eval.tune.FAMILIES, named here so that --help imports no torch
+# ropekit.eval.tune_grids.FAMILIES, named here so that --help imports no torch
 FAMILIES = ("yarn", "self-extend", "leaky-rerope", "longrope")
 
 
