@@ -20,8 +20,8 @@ from tiny_llama import tiny_model
 
 from ropekit.attention import ConsistentDynamic, ReRope, SelfExtend, fast_prefill_attention, merged_attention
 from ropekit.attention.remap import flash_with_lse
-from ropekit.extension import parse_extension
-from ropekit.model import KVCache, RopeAttention, VariantHook, apply_extension
+from ropekit.method import parse_method
+from ropekit.model import KVCache, RopeAttention, VariantHook, patch
 from ropekit.rope import RopeConfig, RotaryEmbedding
 
 B, H, HKV, D = 2, 4, 2, 16
@@ -154,7 +154,7 @@ def test_prefill_and_decode_with_cache_equal_full_recompute(spec):
     """Non-dynamic rope: every token's logits are the same whether computed in one pass, in
     chunks, or one by one from the cache (keys cached unrotated, rotated on use)."""
     model = tiny_model(max_position_embeddings=16)
-    apply_extension(model, spec)
+    patch(model, spec)
     ids = torch.randint(0, 200, (1, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids)
@@ -167,7 +167,7 @@ def test_prefill_and_decode_with_cache_equal_full_recompute(spec):
 @pytest.mark.parametrize("spec", ["self-extend:group=2,window=4", "leaky-rerope:window=3,k=2"])
 def test_left_padded_batch_equals_each_row_alone(spec):
     model = tiny_model()
-    apply_extension(model, spec)
+    patch(model, spec)
     gen = torch.Generator().manual_seed(2)
     short, long = torch.randint(0, 200, (1, 20), generator=gen), torch.randint(0, 200, (1, 29), generator=gen)
     batch = torch.cat([torch.cat([torch.zeros(1, 9, dtype=torch.long), short], 1), long])
@@ -193,8 +193,7 @@ def decode_vs_scratch(model, ids, prompt: int):
                                   "dynamic_yarn+self-extend:group=2,window=4"])
 def test_consistent_dynamic_equals_recompute_from_scratch_each_step(rope):
     model = tiny_model(num_hidden_layers=1, max_position_embeddings=16)
-    apply_extension(model, rope if "+" in rope else f"{rope}:consistent=true" if ":" not in rope
-                    else f"{rope},consistent=true")
+    patch(model, rope if "+" in rope else f"{rope}+consistent")
     assert "+" in rope or isinstance(model.attention.variant, ConsistentDynamic)
     ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(3))
     cached, scratch = decode_vs_scratch(model, ids, prompt=10)  # crosses 16: the base changes each step
@@ -205,7 +204,7 @@ def test_transformers_dynamic_mode_keeps_stale_keys_issue_25104():
     """The transformers-compatible mode (plain dynamic rope type) differs from the recomputation
     once the cache crosses the trained length: cached keys keep their old rotation."""
     model = tiny_model(num_hidden_layers=1, max_position_embeddings=16)
-    apply_extension(model, "dynamic:factor=2")
+    patch(model, "dynamic:factor=2")
     ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(3))
     cached, scratch = decode_vs_scratch(model, ids, prompt=10)
     torch.testing.assert_close(cached[:7], scratch[:7], rtol=1e-5, atol=1e-5)  # within 16: identical
@@ -237,27 +236,27 @@ def test_consistent_dynamic_uses_current_frequencies_for_every_key():
     ("self-extend:group=8,window=1024", None, "self-extend"),
     ("yarn:factor=2+self-extend:group=4,window=1024", "yarn", "self-extend"),
     ("self_extend:group=4 + ntk:factor=2", "ntk", "self-extend"),
-    ("dynamic:factor=2,consistent=true", "dynamic", "consistent"),
+    ("dynamic:factor=2+consistent", "dynamic", "consistent"),
     ("rerope:window=512", None, "rerope"),
     ("leaky-rerope:window=512,k=16", None, "leaky-rerope"),
 ])
-def test_parse_extension(spec, rope, attention):
-    m = parse_extension(spec)
+def test_parse_method(spec, rope, attention):
+    m = parse_method(spec)
     assert (m.rope or {}).get("rope_type") == rope
     assert m.attention_name == attention
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("", "a spec must be"),
+    ("", "a method must be"),
     ("bogus", "unknown name 'bogus'; rope types: default"),
     ("yarn:factor=2+linear:factor=2", "at most one rope type"),
     ("rerope+self-extend", "at most one attention variant"),
-    ("yarn:factor=2,consistent=true", "consistent=true applies to dynamic"),
+    ("yarn:factor=2+consistent", "consistent applies to dynamic / dynamic_yarn rope types only"),
     ("self-extend:grp=4", r"'self-extend' takes group, window, chunk; unknown \['grp'\]"),
     ("self-extend:group=0", r"self-extend key 'group'=0 is out of range \[1"),
     ("leaky-rerope:k=1", r"leaky-rerope key 'k'=1 is out of range \(1.0"),
-    ("dynamic:factor=2,consistent=maybe", "'consistent' must be true or false"),
-    ("dynamic:factor=2,consistent=true+rerope", "already cache-consistent"),
+    ("dynamic:factor=2,consistent=true", r"'dynamic' takes .*; unknown \['consistent'\]"),
+    ("dynamic:factor=2+consistent+rerope", "at most one attention variant"),
     ("yarn:factor=-1", r"rope key 'factor'=-1 is out of range \[1.0"),
     ("yarn:facter=2", "'yarn' takes factor"),
     # these ran and returned uninitialised attention output (ReRoPE's was exactly 0.0)
@@ -270,19 +269,19 @@ def test_parse_extension(spec, rope, attention):
     ("ntk:factor=1e400", "'factor' must be finite"),
     ("yarn:factor=2+", "empty part"),
 ])
-def test_parse_extension_rejects_with_a_message_naming_the_key(spec, message):
+def test_parse_method_rejects_with_a_message_naming_the_key(spec, message):
     if message is None:
-        parse_extension(spec)
+        parse_method(spec)
         return
     with pytest.raises(ValueError, match=message):
-        parse_extension(spec)
+        parse_method(spec)
 
 
 @pytest.mark.parametrize(("text", "expected"), [("no", False), ("false", False), ("0", False), ("yes", True),
                                                 ("true", True), ("1", True)])
 def test_rerope_logn_flag_means_what_it_says(text, expected):
     """``rerope:logn=no`` used to mean logn=True (any non-empty string was truthy)."""
-    assert parse_extension(f"rerope:window=8,logn={text}").variant().logn is expected
+    assert parse_method(f"rerope:window=8,logn={text}").variant().logn is expected
 
 
 def test_rope_part_is_validated_against_the_model_not_a_made_up_geometry():
@@ -290,23 +289,23 @@ def test_rope_part_is_validated_against_the_model_not_a_made_up_geometry():
     spec for a head_dim-16 model was rejected, and key checks that need the model came too early."""
     model = tiny_model(max_position_embeddings=32)  # head_dim 16: longrope lists of 8 factors
     short, long = [1.0] * 8, [2.0] * 8
-    spec = parse_extension(f"longrope:short_factor={short},long_factor={long},original_max_position_embeddings=16")
-    apply_extension(model, spec)
+    spec = parse_method(f"longrope:short_factor={short},long_factor={long},original_max_position_embeddings=16")
+    patch(model, spec)
     assert model.config.rope.rope_type == "longrope" and model.config.rope.params.long_factor == tuple(long)
-    yarn = parse_extension("yarn:factor=2,original_max_position_embeddings=16384")
+    yarn = parse_method("yarn:factor=2,original_max_position_embeddings=16384")
     big = RopeConfig(head_dim=128, rope_theta=1e6, max_position_embeddings=32768)
     assert yarn.rope_config(big).original_max_position_embeddings == 16384
-    wrong = parse_extension(f"longrope:short_factor={[1.0] * 4},long_factor={[1.0] * 4}")  # grammar is fine
+    wrong = parse_method(f"longrope:short_factor={[1.0] * 4},long_factor={[1.0] * 4}")  # grammar is fine
     with pytest.raises(ValueError, match="'short_factor' must have length 8"):
-        apply_extension(model, wrong)
+        patch(model, wrong)
 
 
 def test_apply_extension_resets_to_base_rope():
     model = tiny_model()
     base = model.config.rope
-    apply_extension(model, "yarn:factor=2", base)
+    patch(model, "yarn:factor=2", base)
     assert model.config.rope.rope_type == "yarn" and isinstance(model.attention, RopeAttention)
-    apply_extension(model, "self-extend:group=2,window=4", base)
+    patch(model, "self-extend:group=2,window=4", base)
     assert model.config.rope == base and isinstance(model.attention.variant, SelfExtend)
 
 
@@ -342,10 +341,10 @@ def test_the_fast_prefill_path_never_takes_a_cuda_tensor(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: needs CUDA")
 @pytest.mark.parametrize("spec", ["self-extend:group=3,window=6", "leaky-rerope:window=4,k=3",
-                                  "dynamic:factor=2,consistent=true"])
+                                  "dynamic:factor=2+consistent"])
 def test_variants_on_cuda_equal_cpu(spec):
     model = tiny_model(max_position_embeddings=16)
-    apply_extension(model, spec)
+    patch(model, spec)
     ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         cpu = model(ids)

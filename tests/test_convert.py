@@ -80,7 +80,7 @@ def test_round_trips_are_lossless_where_the_format_can_express_the_method(spec):
     ("rerope:window=512", "llama.cpp", "exists only in ropekit"),
     ("self-extend:group=4,window=1024", "vllm", "exists only in ropekit"),
     ("self-extend:group=4,window=1024", "hf", "exists only in ropekit"),
-    ("dynamic:factor=2,consistent=true", "hf", "cache-consistent dynamic scaling exists only in ropekit"),
+    ("dynamic:factor=2+consistent", "hf", "cache-consistent dynamic scaling exists only in ropekit"),
 ])
 def test_a_target_that_cannot_express_a_method_says_so(spec, target, message):
     with pytest.raises(Inexpressible, match=message):
@@ -220,7 +220,7 @@ def test_cli_convert_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, mess
     ("llama3:factor=8,low_freq_factor=1,high_freq_factor=4,original_max_position_embeddings=16", "llama3")])
 def test_rewritten_gguf_loads_with_the_new_rope_and_the_original_is_untouched(tmp_path, spec, rope_type):
     from ropekit.loading import load_model
-    from ropekit.model import apply_extension
+    from ropekit.model import patch
 
     source = write_gguf(tmp_path / "tiny.gguf", tiny_model(max_position_embeddings=32))
     before = hashlib.sha256(source.read_bytes()).hexdigest()
@@ -229,7 +229,7 @@ def test_rewritten_gguf_loads_with_the_new_rope_and_the_original_is_untouched(tm
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before
     rewritten, _ = load_model(out)
     original, _ = load_model(source)
-    apply_extension(original, spec)
+    patch(original, spec)
     assert rewritten.config.rope.rope_type == rope_type
     assert torch.equal(rewritten.config.rope.frequencies()[0], original.config.rope.frequencies()[0])
     assert rewritten.config.rope.frequencies()[1] == pytest.approx(original.config.rope.frequencies()[1], rel=1e-6)
@@ -265,10 +265,10 @@ def test_plan_candidates_reach_the_target_and_say_what_they_change():
     for c in candidates:
         assert c.reach >= 32768 and c.in_window
     se = next(c for c in candidates if c.family == "self-extend")
-    assert se.spec == "self-extend:group=7,window=4096" and (8192 - 4096) * 7 + 4096 >= 32768
+    assert se.method == "self-extend:group=7,window=4096" and (8192 - 4096) * 7 + 4096 >= 32768
     linear = next(c for c in candidates if c.family == "linear")
     assert "32/32 pairs turn slower (strongest: 1/4)" in linear.in_window
-    rows = dict(translate_all(next(c for c in candidates if c.family == "yarn").spec, BASE))
+    rows = dict(translate_all(next(c for c in candidates if c.family == "yarn").method, BASE))
     assert rows["llama.cpp"].startswith("--rope-scaling yarn --rope-scale 4")
     with pytest.raises(ValueError, match="above the trained length 8192"):
         plan_extension(BASE, 4096)
@@ -282,7 +282,7 @@ def test_cli_plan_measures_and_ranks(tmp_path, capsys):
                  "--json", "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)
     measured = report["candidates"]
-    assert measured[0]["spec"] == "none" and all("ppl_beyond" in c for c in measured)
+    assert measured[0]["method"] == "none" and all("ppl_beyond" in c for c in measured)
     beyond = [c["ppl_beyond"] for c in measured[1:]]
     assert beyond == sorted(beyond)
 

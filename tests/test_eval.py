@@ -16,7 +16,7 @@ from ropekit.eval import passkey as pk
 from ropekit.eval import perplexity as pp
 from ropekit.eval import sweep as sw
 from ropekit.eval.results import ResultStore
-from ropekit.model import apply_extension
+from ropekit.model import patch
 
 
 @pytest.fixture(scope="module")
@@ -371,9 +371,9 @@ def test_seed_claim_plain_rope_breaks_past_trained_length_yarn_does_not(smollm2_
     model, tokenizer = load_model(smollm2_path)
     ids = load_tokens(tokenizer)
     base = model.config.rope
-    apply_extension(model, "none", base)
+    patch(model, "none", base)
     plain = pp.evaluate_perplexity(model, ids, 16384, trained=8192)
-    apply_extension(model, "yarn:factor=2", base)
+    patch(model, "yarn:factor=2", base)
     yarn = pp.evaluate_perplexity(model, ids, 16384, trained=8192)
     assert plain["ppl_beyond"] > 2.5 * plain["ppl_in_window"]
     assert yarn["ppl_beyond"] < 1.3 * plain["ppl_in_window"]

@@ -40,17 +40,17 @@ def test_greedy_with_cache_equals_recomputation(model):
 
 
 @pytest.mark.parametrize("spec", ["self-extend:group=2,window=8", "rerope:window=8", "leaky-rerope:window=8,k=2",
-                                  "dynamic:factor=2,consistent=true", "yarn:factor=2"])
+                                  "dynamic:factor=2+consistent", "yarn:factor=2"])
 def test_bfloat16_decoding_with_every_variant_follows_recomputation(tmp_path, spec):
     """In bfloat16 the fused decode step hands the attention a float32 q and a bfloat16 cache: every
     variant rotates and rounds once and decodes (this used to fail with a dtype mismatch), and its
     step logits match a full recomputation in bfloat16 to bfloat16 rounding."""
     from ropekit.loading import load_model
-    from ropekit.model import apply_extension
+    from ropekit.model import patch
 
     path = write_gguf(tmp_path / "tiny.gguf", tiny_model(seed=3))
     bf16, _ = load_model(path, dtype="bfloat16")
-    apply_extension(bf16, spec)
+    patch(bf16, spec)
     prompt = list(range(5, 45))
     tokens = [int(t[0]) for t in generate_ids(bf16, [prompt], max_new_tokens=4)]
     with torch.no_grad():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ropekit.hf import key_positions, patch, patched_spec, supported, unpatch
+from ropekit.hf import key_positions, patch, patched_method, supported, unpatch
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=32)
@@ -98,14 +98,14 @@ def test_rope_types_equal_transformers_building_the_model_with_them(model_type):
         reference.load_state_dict(model.state_dict())
         want = logits(reference, x)
         patch(model, spec)
-        assert patched_spec(model).text == spec
+        assert patched_method(model).text == spec
         torch.testing.assert_close(logits(model, x), want, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
         unpatch(model)
 
 
 @pytest.mark.parametrize("model_type", supported())
 @pytest.mark.parametrize("spec", ["none", "self-extend:group=2,window=1000", "rerope:window=1000",
-                                  "dynamic:factor=2,consistent=true"])
+                                  "dynamic:factor=2+consistent"])
 def test_variants_that_change_nothing_reproduce_the_model_and_unpatch_is_bit_exact(model_type, spec):
     """A window longer than the text (dynamic scaling within the trained length) is plain RoPE: the rotation
     moves from the model's apply into ropekit's attention and the logits stay; unpatch gives the original
@@ -142,7 +142,7 @@ def test_generate_with_the_cache_equals_recomputation_without_it(model_type, spe
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3"])
 @pytest.mark.parametrize("spec", ["self-extend:group=2,window=4", "leaky-rerope:window=3,k=2",
-                                  "dynamic:factor=2,consistent=true"])
+                                  "dynamic:factor=2+consistent"])
 def test_left_padded_batch_equals_each_prompt_alone(model_type, spec):
     model = patch(tiny(model_type), spec)
     short, long = ids(length=20, seed=2), ids(length=29, seed=3)
@@ -182,7 +182,7 @@ def test_consistent_dynamic_in_transformers_equals_recomputation_where_transform
     layers' keys come from hidden states computed at their own time), transformers' own dynamic type keeps
     cached keys at older bases (transformers issue 25104) and drifts."""
     x = ids(length=56, seed=4)
-    ours = patch(tiny("llama", num_hidden_layers=1), "dynamic:factor=2,consistent=true")
+    ours = patch(tiny("llama", num_hidden_layers=1), "dynamic:factor=2+consistent")
     cached, scratch = cached_vs_scratch(ours, x, prompt=40)
     torch.testing.assert_close(cached, scratch, atol=1e-5, rtol=0)
     theirs = tiny("llama", {"rope_type": "dynamic", "factor": 2.0}, num_hidden_layers=1)
@@ -263,7 +263,7 @@ def test_patching_twice_replaces_the_patch():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: needs CUDA")
-@pytest.mark.parametrize("spec", ["yarn:factor=2", "self-extend:group=3,window=6", "dynamic:factor=2,consistent=true"])
+@pytest.mark.parametrize("spec", ["yarn:factor=2", "self-extend:group=3,window=6", "dynamic:factor=2+consistent"])
 def test_patched_model_on_cuda_equals_cpu(spec):
     model = patch(tiny("llama"), spec)
     x = ids(batch=2)
@@ -289,13 +289,13 @@ def test_smollm2_in_transformers_equals_the_engine(smollm2, hf_smollm2_model, sp
     """300 tokens of Pride and Prejudice with windows of 64-128: most pairs are in the far regime."""
     from conftest import eval_text, float32_logits_atol
 
-    from ropekit.model import apply_extension
+    from ropekit import model as engine
 
     model, tokenizer = smollm2
     x = torch.tensor([tokenizer.encode(eval_text()[:4000])[:300]])
     base = model.config.rope
     try:
-        apply_extension(model, spec, base)
+        engine.patch(model, spec, base)
         with torch.no_grad():
             ours = model(x)
         patch(hf_smollm2_model, spec)
@@ -315,6 +315,6 @@ def test_smollm2_in_transformers_equals_the_engine(smollm2, hf_smollm2_model, sp
         engine_tokens = [int(t[0]) for t in generate_ids(model, [prompt[0].tolist()], max_new_tokens=12)]
         assert hf_tokens == engine_tokens
     finally:
-        apply_extension(model, "none", base)
+        engine.patch(model, "none", base)
         model.set_rope(base)
         unpatch(hf_smollm2_model)

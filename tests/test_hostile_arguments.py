@@ -328,7 +328,7 @@ def assert_clean(reply: dict, argv: list[str]) -> None:
 INTS = ["0", "1", "2", "3", "-1", "64", "2147483647", "2147483648", "1000000000000", "1e3", "1e400", "nan", "inf",
         "-inf", "x", "", "0x10", "3.5", "99999999999999999999999"]
 FLOATS = ["0", "0.5", "1", "1.5", "-0.1", "nan", "inf", "-inf", "1e308", "1e-320", "x", ""]
-SPECS = ["none", "yarn:factor=2", "linear:factor=2", "dynamic:factor=2,consistent=true", "self-extend:group=2,window=8",
+SPECS = ["none", "yarn:factor=2", "linear:factor=2", "dynamic:factor=2+consistent", "self-extend:group=2,window=8",
          "rerope:window=8", "leaky-rerope:window=8,k=2", "yarn:factor=2+self-extend:group=2,window=8", "",
          "self-extend:group=0,window=8", "self-extend:group=2,window=8,chunk=-1", "rerope:window=8,chunk=-3",
          "yarn:factor=2,beta_fast=0", "rerope:window=8,logn=no", "yarn:factor=2,factor=3", "ntk:factor=1e308",

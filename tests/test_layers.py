@@ -54,10 +54,10 @@ def test_import_ropekit_loads_no_optional_dependency():
 def test_lazy_names_resolve():
     result = run_python("""
         import ropekit
-        print(ropekit.load_model.__module__, ropekit.parse_extension.__module__, ropekit.ATTENTION_VARIANTS.kind)
+        print(ropekit.load_model.__module__, ropekit.parse_method.__module__, ropekit.ATTENTION_VARIANTS.kind)
     """)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["ropekit.loading", "ropekit.extension", "attention", "variant"]
+    assert result.stdout.split() == ["ropekit.loading", "ropekit.method", "attention", "variant"]
 
 
 def readme_api_names() -> list[str]:

@@ -17,7 +17,7 @@ from ropekit.eval import sweep as sw
 from ropekit.eval.results import ResultStore
 from ropekit.eval.runners import EngineRunner, common_prefix_length
 from ropekit.eval.stats import wilson_interval
-from ropekit.model import KVCache, apply_extension
+from ropekit.model import KVCache, patch
 from ropekit.model.generate import prefill
 from ropekit.progress import Progress
 
@@ -233,7 +233,7 @@ def test_a_shared_prefix_gives_the_logits_of_the_whole_prompt(spec):
     measured here up to ~2e-6). The attention variants cache keys unrotated with their positions, so this
     holds for them too."""
     model = tiny_model(max_position_embeddings=32)
-    apply_extension(model, spec, model.config.rope)
+    patch(model, spec, model.config.rope)
     prompts, steps = prompts_with_a_prefix(), 3
     shared = common_prefix_length(prompts)
     assert shared == 70
@@ -275,7 +275,7 @@ def test_greedy_many_shares_the_prefix_once_and_answers_the_same(spec):
         runner.greedy_many(prompts, 6, shared=shared + 1)
 
 
-@pytest.mark.parametrize("spec", ["dynamic:factor=2", "dynamic:factor=2,consistent=true", "dynamic_yarn",
+@pytest.mark.parametrize("spec", ["dynamic:factor=2", "dynamic:factor=2+consistent", "dynamic_yarn",
                                   "longrope:short_factor=[1,1,1,1,1,1,1,1],long_factor=[1,1,2,2,2,2,3,3]"])
 def test_length_dependent_rope_types_run_each_prompt_whole(spec):
     """Their frequencies follow the pass's length: a prefix run alone would be rotated for a shorter one."""

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import ropekit
 from ropekit import RopeConfig
-from ropekit.rope import ROPE_TYPES, parse_spec
+from ropekit.rope import ROPE_TYPES, parse_part
 
 BASE = {"head_dim": 64, "max_position_embeddings": 8192, "rope_theta": 100000.0}
 
@@ -72,9 +72,9 @@ def test_spec_strings_and_with_rope_type():
         "yarn", 4.0, 16.0, 8192)
     assert rc.with_rope_type("none") == rc
     assert rc.with_rope_type({"rope_type": "linear", "factor": 2}).rope_theta == 100000.0
-    assert parse_spec("self-extend:group=8,window=1024") == {"rope_type": "self-extend", "group": 8,
+    assert parse_part("self-extend:group=8,window=1024") == {"rope_type": "self-extend", "group": 8,
                                                                "window": 1024}
-    lists = parse_spec("longrope:short_factor=[1,2],long_factor=[3, 4],factor=2")
+    lists = parse_part("longrope:short_factor=[1,2],long_factor=[3, 4],factor=2")
     assert lists == {"rope_type": "longrope", "short_factor": [1, 2], "long_factor": [3, 4], "factor": 2}
 
 
@@ -85,7 +85,7 @@ def test_spec_strings_and_with_rope_type():
 ])
 def test_spec_grammar_errors(spec, message):
     with pytest.raises(ValueError, match=message):
-        parse_spec(spec)
+        parse_part(spec)
 
 
 @pytest.mark.parametrize(("rope", "message"), [

@@ -22,7 +22,7 @@ import ropekit.eval.tune_grids as grids
 from ropekit.cli import main
 from ropekit.convert.plan import plan_extension
 from ropekit.eval.passkey import first_integer, trial_keys
-from ropekit.extension import parse_extension
+from ropekit.method import parse_method
 from ropekit.rope import RopeConfig
 
 TRAINED = 32
@@ -88,7 +88,7 @@ def test_initial_curves_follow_the_formulas():
     assert curves["pi"] == (2.0,) * pairs
     assert curves["ntk"] == pytest.approx([round(s ** (i / (pairs - 1)), 2) for i in range(pairs)], abs=1e-12)
     # NTK's curve is the frequency ratio of the NTK base b * s^(d/(d-2)) (rope type ntk) to the own base
-    ntk = parse_extension("ntk:factor=2").rope_config(BASE).frequencies()[0].double()
+    ntk = parse_method("ntk:factor=2").rope_config(BASE).frequencies()[0].double()
     own = BASE.frequencies()[0].double()
     assert curves["ntk"] == pytest.approx((own / ntk).tolist(), abs=0.005 + 1e-6)
     # YaRN's: the ratio to transformers' own YaRN frequencies, rounded to 0.01
@@ -102,7 +102,7 @@ def test_longrope_spec_is_what_transformers_runs():
     factor sqrt(1 + ln s / ln L), as transformers' longrope computes them."""
     factors = (1.0, 1.1, 1.3, 1.5, 1.9, 2.0, 2.0, 3.25)
     spec = search.longrope_spec(factors, BASE, 64)
-    rope = parse_extension(spec).rope_config(BASE)
+    rope = parse_method(spec).rope_config(BASE)
     assert search.long_factors(spec) == factors
     ours, attention = rope.frequencies(64)
     hf = {"head_dim": 16, "max_position_embeddings": TRAINED, "rope_parameters": {
@@ -147,12 +147,12 @@ def test_next_generation_breeds_from_the_best():
 
 def test_grids_start_with_the_plan_and_reach_the_target():
     n = 100
-    plan = {c.family: c.spec for c in plan_extension(BASE, n)}
+    plan = {c.family: c.method for c in plan_extension(BASE, n)}
     for family in ("yarn", "self-extend", "leaky-rerope"):
         grid = grids.GRIDS[family](BASE, n)
         assert grid[0] == plan[family] and len(grid) == len(set(grid)) > 5
         for spec in grid:
-            p = parse_extension(spec)
+            p = parse_method(spec)
             p.rope_config(BASE)  # valid on the model's geometry
             if family == "self-extend":
                 g, w = p.attention_params.group, p.attention_params.window
@@ -167,7 +167,7 @@ def test_grids_start_with_the_plan_and_reach_the_target():
 def test_grid_reach_rules_give_the_plan_parameters_at_its_window():
     """At the plan's window L/2 the grids' least group and leak are the plan's own."""
     for n in (33, 64, 100, 1000):
-        plan = {c.family: parse_extension(c.spec).attention_params for c in plan_extension(BASE, n)
+        plan = {c.family: parse_method(c.method).attention_params for c in plan_extension(BASE, n)
                 if c.family in ("self-extend", "leaky-rerope")}
         window = TRAINED // 2
         assert plan["self-extend"].window == window == plan["leaky-rerope"].window
@@ -176,8 +176,8 @@ def test_grid_reach_rules_give_the_plan_parameters_at_its_window():
 
 
 def test_yarn_grid_scales_the_plan_factor():
-    plan_factor = parse_extension(grids.plan_spec("yarn", BASE, 100)).rope["factor"]
-    factors = {parse_extension(spec).rope["factor"] for spec in grids.yarn_grid(BASE, 100)}
+    plan_factor = parse_method(grids.plan_spec("yarn", BASE, 100)).rope["factor"]
+    factors = {parse_method(spec).rope["factor"] for spec in grids.yarn_grid(BASE, 100)}
     assert factors == {math.ceil(plan_factor * scale * 1000 - 1e-9) / 1000 for scale in grids.YARN_SCALES}
 
 
@@ -202,13 +202,13 @@ def test_held_out_check_gives_best_and_default_their_own_dicts(same):
         log = staticmethod(lambda line: None)
 
         def measure(self, spec, split):
-            return {"ppl": 2.0, "ppl_in_window": 1.5, "ppl_beyond": 2.5, "spec": spec, "split": split}
+            return {"ppl": 2.0, "ppl_in_window": 1.5, "ppl_beyond": 2.5, "method": spec, "split": split}
 
-    best = {"spec": "a", "calibration": {}}
-    default = {"spec": "a" if same else "b", "calibration": {}}
+    best = {"method": "a", "calibration": {}}
+    default = {"method": "a" if same else "b", "calibration": {}}
     tune.Tuner.held_out_check(Stub(), best, default)
     assert best["held_out"]["split"] == default["held_out"]["split"] == "held-out"
-    assert default["held_out"]["spec"] == default["spec"] and best["held_out"] is not default["held_out"]
+    assert default["held_out"]["method"] == default["method"] and best["held_out"] is not default["held_out"]
 
 
 def test_order_candidates_is_seeded_and_keeps_the_default_first():
@@ -250,18 +250,18 @@ def test_cli_family_list_is_the_eval_layers():
 def test_cli_tune_runs_each_family_and_reports_true_numbers(family, tiny_gguf, text_file, tmp_path, capsys):
     from ropekit.eval.text import encode_text, load_text
     from ropekit.loading import load_model
-    from ropekit.model import apply_extension
+    from ropekit.model import patch
 
     n, budget = 64, 4
     out = run_json(capsys, "--model", tiny_gguf, "--target-length", n, "--family", family, "--budget-evals", budget,
                    "--text", text_file, "--out", tmp_path / "out")
     candidates, best, default = out["candidates"], out["best"], out["default"]
-    assert len(candidates) == budget and len({c["spec"] for c in candidates}) == budget
-    assert [c["rank"] for c in candidates] == [1, 2, 3, 4] and candidates[0]["spec"] == best["spec"]
+    assert len(candidates) == budget and len({c["method"] for c in candidates}) == budget
+    assert [c["rank"] for c in candidates] == [1, 2, 3, 4] and candidates[0]["method"] == best["method"]
     beyond = [c["calibration"]["ppl_beyond"] for c in candidates]
     assert beyond == sorted(beyond)
-    assert default["spec"] == grids.plan_spec(family, BASE, n)
-    assert all(parse_extension(c["spec"]).rope_config(BASE) for c in candidates)
+    assert default["method"] == grids.plan_spec(family, BASE, n)
+    assert all(parse_method(c["method"]).rope_config(BASE) for c in candidates)
 
     # the numbers, recomputed from full logits of the windows the summary names
     model, tokenizer = load_model(tiny_gguf)
@@ -270,10 +270,10 @@ def test_cli_tune_runs_each_family_and_reports_true_numbers(family, tiny_gguf, t
     assert out["calibration"]["tokens"] == [0, n] and out["held_out"]["tokens"] == [middle, middle + n]
     base = model.config.rope
     for entry in (best, default):
-        apply_extension(model, entry["spec"], base)
+        patch(model, entry["method"], base)
         for split, ids in (("calibration", tokens[:n]), ("held_out", tokens[middle:middle + n])):
             expected = ppl_beyond_from_logits(model, ids, TRAINED)
-            assert entry[split]["ppl_beyond"] == pytest.approx(expected, rel=1e-5), (split, entry["spec"])
+            assert entry[split]["ppl_beyond"] == pytest.approx(expected, rel=1e-5), (split, entry["method"])
     assert best["held_out"]["ppl_beyond"] != best["calibration"]["ppl_beyond"]  # a different window
 
     settings = best["settings"]
@@ -286,7 +286,7 @@ def test_cli_tune_runs_each_family_and_reports_true_numbers(family, tiny_gguf, t
         assert '"rope_type": "yarn"' in settings["vllm"]
     if family == "longrope":
         assert f"--max-model-len {n}" in settings["vllm"] and settings["llama.cpp"].startswith("cannot:")
-    assert json.loads((tmp_path / "out" / "tune.json").read_text())["best"]["spec"] == best["spec"]
+    assert json.loads((tmp_path / "out" / "tune.json").read_text())["best"]["method"] == best["method"]
 
 
 def counting(monkeypatch) -> list[torch.Tensor]:
@@ -309,7 +309,7 @@ def test_rerun_skips_every_done_candidate(tiny_gguf, text_file, tmp_path, capsys
     seen = counting(monkeypatch)
     argv = ["--model", tiny_gguf, "--target-length", 64, "--family", "yarn", "--text", text_file, "--out", tmp_path]
     first = run_json(capsys, *argv, "--budget-evals", 4)
-    held_out = 1 if first["best"]["spec"] == first["default"]["spec"] else 2
+    held_out = 1 if first["best"]["method"] == first["default"]["method"] else 2
     assert len(seen) == 4 + held_out and first["evaluations"] == {"run": 4 + held_out, "reused": 0}
     seen.clear()
     again = run_json(capsys, *argv, "--budget-evals", 4)
@@ -318,7 +318,7 @@ def test_rerun_skips_every_done_candidate(tiny_gguf, text_file, tmp_path, capsys
     seen.clear()
     more = run_json(capsys, *argv, "--budget-evals", 6)  # the same order, cut later: two more candidates
     assert sum(torch.equal(t, calibration) for t in seen) == 2
-    assert {c["spec"] for c in first["candidates"]} < {c["spec"] for c in more["candidates"]}
+    assert {c["method"] for c in first["candidates"]} < {c["method"] for c in more["candidates"]}
 
 
 def test_the_search_sees_only_the_calibration_window(tiny_gguf, text_file, tmp_path, capsys, monkeypatch):
@@ -330,7 +330,7 @@ def test_the_search_sees_only_the_calibration_window(tiny_gguf, text_file, tmp_p
                    "--text", text_file, "--out", tmp_path)
     tokens = encode_text(load_tokenizer(tiny_gguf), load_text(text_file))
     calibration, held_out = tokens[:64], tokens[tokens.numel() // 2:][:64]
-    checks = 1 if out["best"]["spec"] == out["default"]["spec"] else 2
+    checks = 1 if out["best"]["method"] == out["default"]["method"] else 2
     assert len(seen) == 6 + checks
     assert all(torch.equal(t, calibration) for t in seen[:6])
     assert all(torch.equal(t, held_out) for t in seen[6:])

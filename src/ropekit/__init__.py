@@ -3,7 +3,7 @@
 ``import ropekit`` loads the rope core and registers the fused kernels (torch and numpy only);
 everything else is imported on first use of its name: the subpackages (``ropekit.hf``,
 ``ropekit.eval``, ``ropekit.model``, ...) and the lazy top-level names (``load_model``,
-``generate``, ``parse_extension``, ...).
+``generate``, ``parse_method``, ...).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ropekit.rope import (
     apply_rotary,
     apply_rotary_qk,
     compute_inv_freq,
-    parse_spec,
+    parse_part,
     rope_cos_sin,
 )
 
@@ -33,14 +33,14 @@ _SUBMODULES = frozenset(info.name for info in pkgutil.iter_modules(__path__) if 
 _LAZY = {
     "load_model": "ropekit.loading",
     "generate": "ropekit.model.generate",
-    "parse_extension": "ropekit.extension",
-    "ExtensionSpec": "ropekit.extension",
+    "parse_method": "ropekit.method",
+    "Method": "ropekit.method",
     "ATTENTION_VARIANTS": "ropekit.attention",
 }
 
 __all__ = [
-    "ATTENTION_VARIANTS", "ExtensionSpec", "ROPE_TYPES", "RopeConfig", "RotaryEmbedding", "apply_rotary",
-    "apply_rotary_qk", "compute_inv_freq", "generate", "load_model", "parse_extension", "parse_spec", "rope_cos_sin",
+    "ATTENTION_VARIANTS", "Method", "ROPE_TYPES", "RopeConfig", "RotaryEmbedding", "apply_rotary",
+    "apply_rotary_qk", "compute_inv_freq", "generate", "load_model", "parse_method", "parse_part", "rope_cos_sin",
 ]
 
 

@@ -71,7 +71,7 @@ def add_parsers(subparsers) -> None:
                    help="the full sweep: 2x, 4x, 8x the trained length, all methods, a passkey grid")
     add_model(p)
     p.add_argument("--text", default=None, help="text file (default: the packaged Pride and Prejudice)")
-    p.add_argument("--method", action="append", metavar="SPEC",
+    p.add_argument("--method", action="append", metavar="METHOD",
                    help="replace the method list (repeatable); scales still come from --full")
     p.add_argument("--passkey", action="store_true",
                    help="add the passkey check to the quick sweep (12,000 tokens, ~1 min per method)")

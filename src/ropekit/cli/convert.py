@@ -16,12 +16,12 @@ TARGET_CHOICES = ("hf", "hf-legacy", "gguf", "llama.cpp", "vllm", "all")
 def add_parsers(subparsers) -> None:
     conv = subparsers.add_parser(
         "convert", help="translate rope settings between HF, GGUF, llama.cpp and vLLM; rewrite a GGUF's rope",
-        description="Translate rope settings (an extension spec on a model, an HF config.json, a GGUF file's "
+        description="Translate rope settings (a method on a model, an HF config.json, a GGUF file's "
                     "metadata or llama.cpp flags) into HF v5 / v4 JSON, GGUF metadata, llama.cpp flags or vLLM "
                     "overrides; with --to gguf --out, write a copy of the model's GGUF with the new rope.")
     add_model(conv)
     source = conv.add_mutually_exclusive_group()
-    source.add_argument("--method", metavar="SPEC", help="an extension spec, on the geometry of --model")
+    source.add_argument("--method", metavar="METHOD", help="a method, on the geometry of --model")
     source.add_argument("--hf-config", metavar="FILE", help="an HF config.json (v4 rope_scaling or v5 rope_parameters)")
     source.add_argument("--gguf", metavar="FILE", help="a GGUF file's rope metadata (and rope_freqs tensor)")
     source.add_argument("--llama-cpp", metavar="FLAGS",
@@ -105,12 +105,12 @@ def _read_json(path: Path) -> dict:
 
 def run_convert(args: argparse.Namespace) -> int:
     from ropekit.convert import Inexpressible, rewrite_gguf, spec_from_llama_cpp, spec_text, translate, translate_all
-    from ropekit.extension import parse_extension
+    from ropekit.method import parse_method
     from ropekit.rope import RopeConfig
 
     if args.out is not None and args.to != "gguf":
         raise ValueError("--out writes a GGUF file: use it with --to gguf")
-    spec = parse_extension(args.method) if args.method else None  # grammar errors before anything is read
+    spec = parse_method(args.method) if args.method else None  # grammar errors before anything is read
     arch, path = None, None
     if args.hf_config:
         base = RopeConfig.from_hf(_read_json(Path(args.hf_config)))
@@ -121,7 +121,7 @@ def run_convert(args: argparse.Namespace) -> int:
         base, arch, path = model_rope(args.model)
     if args.llama_cpp is not None:
         spec = spec_from_llama_cpp(args.llama_cpp, base)
-    spec = spec or parse_extension(spec_text(base))
+    spec = spec or parse_method(spec_text(base))
     arch = args.arch or arch or "llama"
     if args.to == "all":
         rows = translate_all(spec, base, arch)
@@ -159,8 +159,8 @@ def run_plan(args: argparse.Namespace) -> int:
     apply_threads(args)
     base, arch, _ = model_rope(args.model)
     candidates = plan_extension(base, args.target_length)
-    rows = [{"family": c.family, "spec": c.spec, "reach": c.reach, "in_window": c.in_window, "notes": c.notes,
-             "settings": dict(translate_all(c.spec, base, arch or "llama"))} for c in candidates]
+    rows = [{"family": c.family, "method": c.method, "reach": c.reach, "in_window": c.in_window, "notes": c.notes,
+             "settings": dict(translate_all(c.method, base, arch or "llama"))} for c in candidates]
     if args.measure:
         rows = measure(args, rows)
     if args.json:
@@ -175,7 +175,7 @@ def run_plan(args: argparse.Namespace) -> int:
         if "ppl_beyond" in r:
             measured = (f"  measured: ppl beyond {r['ppl_beyond']:.2f}, in window {r['ppl_in_window']:.2f} "
                         f"({r['seconds']:.0f} s)")
-        print(f"{r['family']:<13} {r['spec']}{measured}")
+        print(f"{r['family']:<13} {r['method']}{measured}")
         print(f"{'':<13} inside the trained window: {r['in_window']}")
         for note in r["notes"]:
             print(f"{'':<13} note: {note}")
@@ -203,12 +203,12 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     tokens = encode_text(tokenizer, load_text(args.text))
     if tokens.numel() < length:
         raise ValueError(f"the text has {tokens.numel()} tokens, fewer than the window of {length}")
-    reference = {"family": "none", "spec": "none", "reach": runner.trained_length,
+    reference = {"family": "none", "method": "none", "reach": runner.trained_length,
                  "in_window": "the model's own rope", "notes": [], "settings": {}}
     measured = []
     for row in [reference, *rows]:
-        runner.use(row["spec"])
-        with Progress(runner.num_layers, f"plan: ppl {row['spec']} @ {length}", enabled=not args.no_progress,
+        runner.use(row["method"])
+        with Progress(runner.num_layers, f"plan: ppl {row['method']} @ {length}", enabled=not args.no_progress,
                       unit="layers") as bar:
             metrics = evaluate_perplexity(runner, tokens, length, trained=runner.trained_length, progress=bar)
         measured.append({**row, **{k: metrics[k] for k in ("ppl", "ppl_in_window", "ppl_beyond", "seconds")}})

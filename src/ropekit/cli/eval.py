@@ -2,7 +2,7 @@
 
 Both write ``DIR/results.json`` (a list of records, rewritten atomically after each finished
 cell, so an interrupted run resumes where it stopped), ``results.csv``, PNG plots and
-``report.md``. A method is ``--method SPEC`` (repeatable), see ``ropekit.extension``.
+``report.md``. A method is ``--method METHOD`` (repeatable), see ``ropekit.method``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ MAX_TRIALS = 10_000  # seeded keys per cell; passkey protocols use 5-100
 
 def add_common(p: argparse.ArgumentParser) -> None:
     add_model(p)
-    p.add_argument("--method", action="append", metavar="SPEC",
+    p.add_argument("--method", action="append", metavar="METHOD",
                    help="TYPE[:key=value,...][+TYPE...], repeatable, e.g. none, yarn:factor=2, "
                         "self-extend:group=8,window=1024, yarn:factor=2+self-extend:group=4,window=1024 "
                         "(default: none)")

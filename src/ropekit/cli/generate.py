@@ -22,7 +22,7 @@ def add_parsers(subparsers) -> None:
     gen.add_argument("--top-k", type=int, default=None, metavar="K")
     gen.add_argument("--top-p", type=float, default=None, metavar="P")
     gen.add_argument("--seed", type=int, default=None, metavar="S")
-    gen.add_argument("--method", default=None, metavar="SPEC",
+    gen.add_argument("--method", default=None, metavar="METHOD",
                      help="context-extension method, as in 'ropekit eval': e.g. yarn:factor=2, "
                           "self-extend:group=4,window=1024, yarn:factor=2+self-extend:group=4,window=1024")
     gen.add_argument("--no-fast", action="store_true",
@@ -74,22 +74,22 @@ def _write(piece: str) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from ropekit.extension import parse_extension
+    from ropekit.method import parse_method
 
-    spec = parse_extension(args.method) if args.method else None  # bad specs fail before loading
+    spec = parse_method(args.method) if args.method else None  # bad specs fail before loading
     if spec is not None and args.rope is not None:
-        raise ValueError("give either --method SPEC or --rope TYPE, not both")
+        raise ValueError("give either --method METHOD or --rope TYPE, not both")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_runtime(args)
     if args.backend == "transformers":
-        return _generate_transformers(args, spec or (parse_extension(rope_spec(args)) if args.rope else None))
-    from ropekit.model.attention import apply_extension
+        return _generate_transformers(args, spec or (parse_method(rope_spec(args)) if args.rope else None))
+    from ropekit.model.attention import patch
     from ropekit.model.generate import generate
 
     model, tokenizer = _load(args)
     if spec is not None:
-        apply_extension(model, spec)
+        patch(model, spec)
     if args.verbose:
         path = "torch ops (--no-fast)" if args.no_fast else model.decode_path()
         print(f"ropekit generate: attention {model.attention.name}, rope {model.config.rope.describe()}; "

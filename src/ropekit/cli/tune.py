@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     result = tuner.tune()
     summary = {"model": str(args.model), "command": command_line(), **result.as_dict()}
     deploy = deploy_base(settings.family, base, settings.target_length)
-    summary["best"]["settings"] = dict(translate_all(result.best["spec"], deploy, arch or "llama"))
+    summary["best"]["settings"] = dict(translate_all(result.best["method"], deploy, arch or "llama"))
     write_json_atomic(out / "tune.json", summary)
     if args.json:
         print(json.dumps(summary, indent=1))
@@ -123,10 +123,10 @@ def print_summary(summary: dict) -> None:
           f"objective {summary['objective']}: {len(summary['candidates'])} candidates measured "
           f"({summary['evaluations']['run']} measurements now, {summary['evaluations']['reused']} from the stored "
           f"records)")
-    print(f"best SPEC: {best['spec']}")
+    print(f"best method: {best['method']}")
     print(f"  calibration (tokens {cal[0]}-{cal[1]}):  {describe(best['calibration'])}")
     print(f"  held-out    (tokens {held[0]}-{held[1]}): {describe(best['held_out'])}")
-    print(f"default ({'the same' if default['spec'] == best['spec'] else default['spec']}):")
+    print(f"default ({'the same' if default['method'] == best['method'] else default['method']}):")
     print(f"  calibration: {describe(default['calibration'])}")
     print(f"  held-out:    {describe(default['held_out'])}")
     print("settings:")

@@ -1,4 +1,4 @@
-"""Rope settings across runtimes: translate an extension spec, rewrite a GGUF file's rope, plan an extension.
+"""Rope settings across runtimes: translate a method, rewrite a GGUF file's rope, plan an extension.
 
 - ``translate(spec, base, target)`` / ``translate_all``: HF (v5 and v4), GGUF metadata, llama.cpp
   flags, vLLM overrides, each exact or refused with the reason (``Inexpressible``);

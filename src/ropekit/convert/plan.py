@@ -6,7 +6,7 @@ For a model trained on L tokens whose own rope is ``base`` and a target of N tok
 - ``ntk``: factor s (base * s^(d/(d-2)); the lowest pair interpolated by s, high pairs untouched;
   nominal s tends to under-reach, so the plan also lists 2s);
 - ``dynamic``: factor 1, cache-consistent (unchanged up to L, the NTK base for the current length
-  past it; ``consistent=true`` keeps every cached key at the current base);
+  past it; ``+consistent`` keeps every cached key at the current base);
 - ``yarn``: factor s from L (pairs below the ramp interpolated, above kept, scores times mscale^2);
 - ``llama3``: factor s, low/high frequency factors 1 / 4, from L;
 - ``self-extend``: window W = L/2, group G = ceil((N - W) / (L - W)) (reach (L - W) * G + W >= N);
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ropekit.extension import parse_extension
+from ropekit.method import parse_method
 from ropekit.rope import RopeConfig
 
 
@@ -31,7 +31,7 @@ class Candidate:
     """One family's parameters for the target length and what they change."""
 
     family: str
-    spec: str
+    method: str
     reach: int
     in_window: str
     notes: list[str] = field(default_factory=list)
@@ -68,14 +68,14 @@ def plan_extension(base: RopeConfig, target_length: int) -> list[Candidate]:
     out: list[Candidate] = []
 
     def rope_type(family: str, spec: str, notes: list[str] | None = None) -> None:
-        rope = parse_extension(spec).rope_config(base)
+        rope = parse_method(spec).rope_config(base)
         out.append(Candidate(family, spec, target_length, frequency_changes(base, rope), notes or []))
 
     rope_type("linear", f"linear:factor={factor}")
     rope_type("ntk", f"ntk:factor={factor}")
     rope_type("ntk", f"ntk:factor={math.ceil(2 * s * 1000) / 1000:g}",
               ["nominal NTK under-reaches; twice the factor is common"])
-    out.append(Candidate("dynamic", "dynamic:factor=1,consistent=true", target_length,
+    out.append(Candidate("dynamic", "dynamic:factor=1+consistent", target_length,
                          "nothing up to the trained length; past it the NTK base for the current length",
                          ["cache-consistent: every cached key at the current base (ropekit only); plain "
                           "'dynamic:factor=1' is transformers' own (stale cached keys)"]))
@@ -95,7 +95,7 @@ def plan_extension(base: RopeConfig, target_length: int) -> list[Candidate]:
                          f"distances below {window} exact; distance r >= {window} seen as "
                          f"{window} + (r - {window})/{k:g}"))
     for candidate in out:
-        parse_extension(candidate.spec)  # every candidate is a valid spec
+        parse_method(candidate.method)  # every candidate is a valid method
     return out
 
 

@@ -1,4 +1,4 @@
-"""An extension spec (rope part + attention part) in every runtime's settings, or why a runtime cannot run it.
+"""An method (rope part + attention part) in every runtime's settings, or why a runtime cannot run it.
 
 The rope part goes through ``ropekit.rope.formats``. Of the attention variants only Self-Extend
 has a runtime equivalent outside ropekit: llama.cpp's ``--grp-attn-n G --grp-attn-w W`` (in its
@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from ropekit.extension import ExtensionSpec, parse_extension
+from ropekit.method import Method, parse_method
 from ropekit.rope import RopeConfig
 from ropekit.rope import formats as F
 from ropekit.rope.formats import Inexpressible
@@ -35,7 +35,7 @@ class Translation:
     notes: tuple[str, ...] = ()
 
 
-def _attention_check(spec: ExtensionSpec, target: str) -> tuple[str, ...]:
+def _attention_check(spec: Method, target: str) -> tuple[str, ...]:
     """Flags or nothing for the attention part; Inexpressible when the target has no equivalent."""
     if spec.attention is None:
         return ()
@@ -47,9 +47,9 @@ def _attention_check(spec: ExtensionSpec, target: str) -> tuple[str, ...]:
     raise Inexpressible(f"{target}: the attention variant {spec.attention!r} {ONLY_IN_ROPEKIT}")
 
 
-def translate(spec: str | ExtensionSpec, base: RopeConfig, target: str, arch: str = "llama") -> Translation:
+def translate(spec: str | Method, base: RopeConfig, target: str, arch: str = "llama") -> Translation:
     """``spec`` on a model whose own rope is ``base``, in ``target``'s settings (Inexpressible if impossible)."""
-    spec = parse_extension(spec)
+    spec = parse_method(spec)
     if target not in TARGETS:
         raise ValueError(f"--to must be one of {', '.join(TARGETS)} or all, got {target!r}")
     rope = spec.rope_config(base)
@@ -63,7 +63,7 @@ def translate(spec: str | ExtensionSpec, base: RopeConfig, target: str, arch: st
     if target == "gguf":
         value = F.to_gguf(rope, arch)
         shown = {k: (f"<tensor of {len(v)} float32>" if k.endswith(".weight") else v) for k, v in value.items()}
-        notes = ("write it into a copy of the model with: ropekit convert --model FILE.gguf --method SPEC "
+        notes = ("write it into a copy of the model with: ropekit convert --model FILE.gguf --method METHOD "
                  "--to gguf --out NEW.gguf",)
         return Translation(target, value, json.dumps(shown, indent=1), notes)
     if target == "llama.cpp":
@@ -83,7 +83,7 @@ def translate(spec: str | ExtensionSpec, base: RopeConfig, target: str, arch: st
     return Translation(target, value, text)
 
 
-def translate_all(spec: str | ExtensionSpec, base: RopeConfig, arch: str = "llama") -> list[tuple[str, str]]:
+def translate_all(spec: str | Method, base: RopeConfig, arch: str = "llama") -> list[tuple[str, str]]:
     """``(target, settings or "cannot: reason")`` for every target."""
     rows = []
     for target in TARGETS:
@@ -94,14 +94,14 @@ def translate_all(spec: str | ExtensionSpec, base: RopeConfig, arch: str = "llam
     return rows
 
 
-def spec_from_llama_cpp(flags: str, base: RopeConfig) -> ExtensionSpec:
-    """The extension spec llama.cpp's flags describe on a model whose file rope is ``base``."""
+def spec_from_llama_cpp(flags: str, base: RopeConfig) -> Method:
+    """The method llama.cpp's flags describe on a model whose file rope is ``base``."""
     values = F.parse_llama_cpp_flags(flags)
     rope = F.from_llama_cpp(_without(shlex.split(flags), ("--grp-attn-n", "-gan", "--grp-attn-w", "-gaw")), base)
     text = spec_text(rope)
     if "group" in values or "window" in values:
         text += f"+self-extend:group={int(values.get('group', 1))},window={int(values.get('window', 512))}"
-    return parse_extension(text)
+    return parse_method(text)
 
 
 def _without(tokens: list[str], flags: tuple[str, ...]) -> list[str]:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ropekit.convert.plan import plan_extension
-from ropekit.extension import parse_extension
+from ropekit.method import parse_method
 from ropekit.rope import RopeConfig
 
 # population, parents, mutation and crossover as in LongRoPE's Algorithm 1; the numbers are ropekit's, small
@@ -77,13 +77,13 @@ def ntk_curve(pairs: int, scale: float) -> list[float]:
 
 def plan_yarn_spec(base: RopeConfig, target_length: int) -> str:
     """``plan_extension``'s YaRN spec for the target length."""
-    return next(c.spec for c in plan_extension(base, target_length) if c.family == "yarn")
+    return next(c.method for c in plan_extension(base, target_length) if c.family == "yarn")
 
 
 def yarn_curve(base: RopeConfig, target_length: int) -> list[float]:
     """The plan's YaRN frequencies as per-pair factors: the model's own inverse frequency over YaRN's."""
     own, _ = base.frequencies()
-    yarn, _ = parse_extension(plan_yarn_spec(base, target_length)).rope_config(base).frequencies()
+    yarn, _ = parse_method(plan_yarn_spec(base, target_length)).rope_config(base).frequencies()
     return (own.double() / yarn.double()).tolist()
 
 
@@ -216,4 +216,4 @@ def default_longrope_spec(base: RopeConfig, target_length: int) -> str:
 
 def long_factors(spec: str) -> tuple[float, ...]:
     """The long factors of a ``longrope`` spec."""
-    return tuple(float(x) for x in parse_extension(spec).rope["long_factor"])
+    return tuple(float(x) for x in parse_method(spec).rope["long_factor"])

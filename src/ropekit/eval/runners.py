@@ -2,7 +2,7 @@
 
 A runner holds a loaded model and its tokenizer and offers what the protocols need:
 
-- ``use(spec) -> dict``: switch to an extension spec (from the model's own rope each time) and
+- ``use(spec) -> dict``: switch to a method (from the model's own rope each time) and
   describe it (``{"rope": ..., "attention": ...}``);
 - ``window_nll(ids, on_layer) -> [T-1]``: the NLL of each token of one window, one forward;
 - ``greedy(ids, max_new_tokens, on_prefill_layer) -> list[int]``: greedy continuation with a cache;
@@ -12,7 +12,7 @@ A runner holds a loaded model and its tokenizer and offers what the protocols ne
 - ``trained_length``, ``num_layers``, ``identity`` (what goes into every result's cell key:
   model file identity, dtype, device, backend).
 
-``EngineRunner`` drives ``ropekit.model`` (specs through ``apply_extension``);
+``EngineRunner`` drives ``ropekit.model`` (specs through ``patch``);
 ``TransformersRunner`` drives a model loaded with ``AutoModelForCausalLM.from_pretrained`` (specs
 through ``ropekit.hf.patch``). Both tokenize with ropekit's tokenizer of the same file, so the
 same text gives the same tokens on both backends.
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ropekit.eval.perplexity import LOGIT_CHUNK, window_nll
-from ropekit.model.attention import apply_extension
+from ropekit.method import parse_method
+from ropekit.model.attention import patch
 from ropekit.model.generate import LongPromptWarning, generate_ids, prefill
 from ropekit.rope import RopeConfig
 
@@ -68,8 +69,8 @@ class EngineRunner:
                 "backend": self.backend}
 
     def use(self, spec: str) -> dict:
-        applied = apply_extension(self.model, spec, self.base_rope)
-        return {"rope": self.model.config.rope.describe(), "attention": applied.attention_name}
+        patch(self.model, spec, self.base_rope)
+        return {"rope": self.model.config.rope.describe(), "attention": parse_method(spec).attention_name}
 
     def window_nll(self, ids: torch.Tensor, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         return window_nll(self.model, ids, on_layer=on_layer)
@@ -153,9 +154,9 @@ class TransformersRunner:
 
     def use(self, spec: str) -> dict:
         self._patch(self.model, spec)
-        from ropekit.hf import patched_spec
+        from ropekit.hf import patched_method
 
-        applied = patched_spec(self.model)
+        applied = patched_method(self.model)
         return {"rope": applied.rope_config(self.base_rope).describe(), "attention": applied.attention_name}
 
     def _with_progress(self, on_layer):

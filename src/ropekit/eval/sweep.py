@@ -3,7 +3,7 @@
 Every finished cell goes into a ``ResultStore`` at once (atomic rewrite); cells already in the
 store are skipped, so an interrupted sweep resumes where it stopped. A cell is identified by
 every input that changes its numbers (see ``ropekit.eval.results.CELL_KEYS``). The model is
-switched between specs with ``apply_extension`` from its own (loaded) rope.
+switched between specs with ``patch`` from its own (loaded) rope.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ropekit.eval.passkey import check_task, evaluate_passkey
 from ropekit.eval.perplexity import evaluate_perplexity, plan_windows
 from ropekit.eval.results import ResultStore
 from ropekit.eval.runners import as_runner
-from ropekit.extension import parse_extension
+from ropekit.method import parse_method
 from ropekit.model.generate import MAX_POSITIONS
 from ropekit.model.memory import request_bytes
 from ropekit.progress import Progress
@@ -36,7 +36,7 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     if not methods:
         raise ValueError("give at least one --method")
     for spec in methods:
-        parse_extension(spec)
+        parse_method(spec)
     return list(methods)
 
 

@@ -282,7 +282,7 @@ class Tuner:
 
     def _evaluate(self, spec: str, index: int, measured: list[dict]) -> tuple:
         metrics = self.measure(spec, "calibration")
-        measured.append({"spec": spec, "calibration": metrics})
+        measured.append({"method": spec, "calibration": metrics})
         key = rank_key(self.settings.objective, metrics)
         self.log(f"  [{index}/{self.settings.budget}] {short_spec(spec):<62} {describe(metrics)}")
         return key
@@ -304,13 +304,13 @@ class Tuner:
         """Measure ``best`` and ``default`` (entries with a spec) on the held-out data, once when they are the
         same spec; each entry gets its own ``held_out`` dict."""
         self.log("held-out check:")
-        best["held_out"] = self.measure(best["spec"], "held-out")
-        self.log(f"  {short_spec(best['spec']):<70} {describe(best['held_out'])}")
-        if default["spec"] == best["spec"]:
+        best["held_out"] = self.measure(best["method"], "held-out")
+        self.log(f"  {short_spec(best['method']):<70} {describe(best['held_out'])}")
+        if default["method"] == best["method"]:
             default["held_out"] = dict(best["held_out"])
             return
-        default["held_out"] = self.measure(default["spec"], "held-out")
-        self.log(f"  {short_spec(default['spec']):<70} {describe(default['held_out'])}")
+        default["held_out"] = self.measure(default["method"], "held-out")
+        self.log(f"  {short_spec(default['method']):<70} {describe(default['held_out'])}")
 
     def tune(self) -> TuneResult:
         """Search, rank, and measure the best and the default on the held-out data. The default (the plan's
@@ -323,9 +323,9 @@ class Tuner:
         order = sorted(range(len(measured)), key=lambda i: (rank_key(s.objective, measured[i]["calibration"]), i))
         ranked = [{**measured[i], "rank": r} for r, i in enumerate(order, 1)]
         default_spec = plan_spec(s.family, self.base, s.target_length)
-        (default_entry,) = [m for m in measured if m["spec"] == default_spec]
-        best = {"spec": ranked[0]["spec"], "calibration": dict(ranked[0]["calibration"])}
-        default = {"spec": default_spec, "calibration": dict(default_entry["calibration"])}
+        (default_entry,) = [m for m in measured if m["method"] == default_spec]
+        best = {"method": ranked[0]["method"], "calibration": dict(ranked[0]["calibration"])}
+        default = {"method": default_spec, "calibration": dict(default_entry["calibration"])}
         self.held_out_check(best, default)
         return TuneResult(s, self.trained, self.windows, ranked, best, default, self.run, self.reused)
 

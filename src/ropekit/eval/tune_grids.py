@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from ropekit.convert.plan import plan_extension
 from ropekit.eval.longrope_search import default_longrope_spec, round_up
-from ropekit.extension import parse_extension
+from ropekit.method import parse_method
 from ropekit.rope import RopeConfig
 
 FAMILIES = ("yarn", "self-extend", "leaky-rerope", "longrope")
@@ -35,7 +35,7 @@ def plan_spec(family: str, base: RopeConfig, target_length: int) -> str:
         return default_longrope_spec(base, target_length)
     for candidate in plan_extension(base, target_length):
         if candidate.family == family:
-            return candidate.spec
+            return candidate.method
     raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
 
 
@@ -65,7 +65,7 @@ def yarn_grid(base: RopeConfig, target_length: int) -> list[str]:
     ``YARN_BETAS``, and the attention temperature from ``YARN_ATTENTION``; the plan's spec first."""
     trained = base.original_max_position_embeddings
     first = plan_spec("yarn", base, target_length)
-    factor = parse_extension(first).rope["factor"]
+    factor = parse_method(first).rope["factor"]
     out = [first] + [yarn_spec(round_up(factor * scale, 3), trained, betas, attention)
                      for scale in YARN_SCALES for betas in YARN_BETAS for attention in YARN_ATTENTION]
     return list(dict.fromkeys(out))

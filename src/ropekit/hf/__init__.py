@@ -6,6 +6,6 @@ lists the model types. See ``ropekit.hf.patch`` for how (transformers' own rotar
 attention registry, no copied modeling code). Needs the ``[hf]`` extra (transformers).
 """
 
-from ropekit.hf.patch import IMPLEMENTATION, key_positions, patch, patched_spec, supported, unpatch
+from ropekit.hf.patch import IMPLEMENTATION, key_positions, patch, patched_method, supported, unpatch
 
-__all__ = ["IMPLEMENTATION", "key_positions", "patch", "patched_spec", "supported", "unpatch"]
+__all__ = ["IMPLEMENTATION", "key_positions", "patch", "patched_method", "supported", "unpatch"]

@@ -1,4 +1,4 @@
-"""``patch(model, spec)`` / ``unpatch(model)``: ropekit's methods inside a transformers causal LM, in place.
+"""``patch(model, method)`` / ``unpatch(model)``: ropekit's methods inside a transformers causal LM, in place.
 
 Two seams transformers itself provides, nothing copied from its modeling code:
 
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from ropekit.attention import AttentionVariant, ConsistentDynamic, sdpa
-from ropekit.extension import ExtensionSpec, parse_extension
 from ropekit.hf.architectures import ARCHITECTURES, REFUSED, Architecture
+from ropekit.method import Method, parse_method
 from ropekit.rope import RopeConfig, RotaryEmbedding, rope_cos_sin
 
 IMPLEMENTATION = "ropekit"  # the name registered with transformers' attention and mask registries
@@ -57,7 +57,7 @@ class _Patch:
     """Everything ``unpatch`` restores and the attention function reads."""
 
     model_type: str
-    spec: ExtensionSpec
+    method: Method
     architecture: Architecture
     rotary: torch.nn.Module
     base_rope: RopeConfig
@@ -110,16 +110,16 @@ def _base_rope(model, model_type: str) -> RopeConfig:
     return rope
 
 
-def patch(model, spec: str | ExtensionSpec):
-    """Make ``model`` (a transformers causal LM) run ``spec`` in ``model(...)`` and ``model.generate(...)``.
+def patch(model, method: str | Method):
+    """Make ``model`` (a transformers causal LM) run ``method`` in ``model(...)`` and ``model.generate(...)``.
 
-    spec: an extension spec as on ropekit's command line (``"yarn:factor=2"``,
-    ``"dynamic:factor=2,consistent=true"``, ``"self-extend:group=4,window=1024"``,
-    ``"yarn:factor=2+self-extend:group=8,window=2048"``, ...); a spec without a rope part keeps the
+    method: a method as on ropekit's command line (``"yarn:factor=2"``,
+    ``"dynamic:factor=2+consistent"``, ``"self-extend:group=4,window=1024"``,
+    ``"yarn:factor=2+self-extend:group=8,window=2048"``, ...); a method without a rope part keeps the
     model's own rope. Patching a patched model replaces its patch. Returns ``model``. Raises a
     ``ValueError`` naming the model type for anything the patch cannot honour.
     """
-    spec = parse_extension(spec)
+    method = parse_method(method)
     if getattr(model, _STATE, None) is not None:
         unpatch(model)
     model_type = _model_type(model)
@@ -133,13 +133,13 @@ def patch(model, spec: str | ExtensionSpec):
     if 2 * rotary.inv_freq.shape[-1] != base.rotary_dim:
         raise ValueError(f"{model_type}: its rotary module rotates {2 * rotary.inv_freq.shape[-1]} channels, its "
                          f"config says {base.rotary_dim}: unknown rotary layout")
-    rope_config = spec.rope_config(base)
+    rope_config = method.rope_config(base)
     if rope_config.rotary_dim != base.rotary_dim:
         raise ValueError(f"{model_type}: rope type {rope_config.rope_type!r} rotates {rope_config.rotary_dim} "
                          f"channels, the model {base.rotary_dim}")
-    state = _Patch(model_type=model_type, spec=spec, architecture=architecture, rotary=rotary, base_rope=base,
+    state = _Patch(model_type=model_type, method=method, architecture=architecture, rotary=rotary, base_rope=base,
                    rope=RotaryEmbedding(rope_config), attention_implementation=None)
-    variant = spec.variant()
+    variant = method.variant()
     if variant is None:
         rotary.forward = types.MethodType(_rope_type_forward, rotary)
         rotary._ropekit = state
@@ -197,10 +197,10 @@ def unpatch(model):
     return model
 
 
-def patched_spec(model) -> ExtensionSpec | None:
-    """The spec a model is patched with, or None."""
+def patched_method(model) -> Method | None:
+    """The method a model is patched with, or None."""
     state = getattr(model, _STATE, None)
-    return None if state is None else state.spec
+    return None if state is None else state.method
 
 
 # ---- the rotary module's forward under the patch -----------------------------------------------

@@ -5,11 +5,11 @@ from ropekit.model.attention import (
     EngineAttention,
     RopeAttention,
     VariantHook,
-    apply_extension,
+    patch,
 )
 from ropekit.model.kv_cache import KVCache
 from ropekit.model.llama import LlamaConfig, LlamaModel
 
 __all__ = ["AttentionContext", "EngineAttention", "KVCache", "LlamaConfig", "LlamaModel", "RopeAttention",
-           "VariantHook", "apply_extension"]
+           "VariantHook", "patch"]
 

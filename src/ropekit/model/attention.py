@@ -12,7 +12,7 @@ mask) and hands it to every layer. ``context.attention.prepare(context)`` runs o
   scaling, ...): keys cached unrotated, the variant's tables computed once per forward from every
   key's position, its ``attend`` called per layer.
 
-Install one with ``model.set_attention(...)``, or from a spec with ``apply_extension``.
+Install one with ``model.set_attention(...)``, or from a spec with ``patch``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from ropekit.attention import AttentionVariant, sdpa
 from ropekit.dispatch import Recording
-from ropekit.extension import ExtensionSpec, parse_extension
+from ropekit.method import Method, parse_method
 from ropekit.model.kv_cache import KVCache
 from ropekit.rope import RopeConfig, RotaryEmbedding, apply_rotary
 
@@ -153,24 +153,26 @@ class VariantHook(EngineAttention):
         return f"VariantHook({self.variant!r})"
 
 
-def attention_for(spec: ExtensionSpec) -> EngineAttention:
-    """The engine attention a spec asks for: its variant, or plain rope attention."""
-    variant = spec.variant()
+def attention_for(method: Method) -> EngineAttention:
+    """The engine attention a method asks for: its variant, or plain rope attention."""
+    variant = method.variant()
     return RopeAttention() if variant is None else VariantHook(variant)
 
 
-def apply_extension(model, spec: str | ExtensionSpec, base_rope: RopeConfig | None = None) -> ExtensionSpec:
-    """Configure ``model`` (a ``LlamaModel``) for ``spec``: set its rope and its attention.
+def patch(model, method: str | Method, base_rope: RopeConfig | None = None):
+    """Configure ``model`` (a ``LlamaModel``) for ``method`` (a method string such as ``"yarn:factor=2"``
+    or a parsed ``Method``): set its rope and its attention; returns the model, as ``ropekit.hf.patch``
+    does for a transformers model.
 
-    ``base_rope`` is the model's own rope (used when the spec has no rope part, and whose geometry
-    the spec's rope part is validated against); default: the model's current rope, so pass the
-    loaded one when switching between several specs.
+    ``base_rope`` is the model's own rope (used when the method has no rope part, and whose geometry
+    the method's rope part is validated against); default: the model's current rope, so pass the
+    loaded one when switching between several methods.
     """
-    spec = parse_extension(spec)
+    method = parse_method(method)
     base = base_rope if base_rope is not None else model.config.rope
-    model.set_rope(spec.rope_config(base))
-    model.set_attention(attention_for(spec))
-    return spec
+    model.set_rope(method.rope_config(base))
+    model.set_attention(attention_for(method))
+    return model
 
 
 def build_mask(valid_new: torch.Tensor | None, cache: KVCache | None, past: int,
@@ -210,6 +212,6 @@ def _key_valid(valid_new: torch.Tensor | None, cache: KVCache | None, past: int,
     return torch.cat(parts, dim=1)
 
 
-__all__ = ["AttentionContext", "EngineAttention", "RopeAttention", "VariantHook", "apply_extension",
+__all__ = ["AttentionContext", "EngineAttention", "RopeAttention", "VariantHook", "patch",
            "attention_for", "build_mask"]
 

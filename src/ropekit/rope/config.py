@@ -23,9 +23,9 @@ from ropekit.rope.params import (
     LinearParams,
     Llama3Params,
     LongRopeParams,
-    MethodParams,
     NtkParams,
     ProportionalParams,
+    RopeTypeParams,
     YarnParams,
     check_number,
 )
@@ -37,7 +37,7 @@ class RopeType:
     """A registry entry: the name, typed parameters, the frequency function, whether it depends on length."""
 
     name: str
-    params: type[MethodParams]
+    params: type[RopeTypeParams]
     compute: Callable[[RopeConfig, int | None], freq.Frequencies]
     length_dependent: bool = False
     source: str = ""
@@ -100,7 +100,7 @@ class RopeConfig:
     head_dim: int
     rope_theta: float = 10000.0
     rope_type: str = "default"
-    params: MethodParams = field(default_factory=DefaultParams)
+    params: RopeTypeParams = field(default_factory=DefaultParams)
     partial_rotary_factor: float = 1.0
     max_position_embeddings: int | None = None
 
@@ -204,7 +204,7 @@ class RopeConfig:
         """
         if isinstance(spec, RopeConfig):
             return spec
-        rope_parameters = parse_spec(spec) if isinstance(spec, str) else dict(spec)
+        rope_parameters = parse_part(spec) if isinstance(spec, str) else dict(spec)
         rope_parameters.setdefault("rope_theta", self.rope_theta)
         hf = {"head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
               "original_max_position_embeddings": self.original_max_position_embeddings,
@@ -217,7 +217,7 @@ class RopeConfig:
         return f"{self.rope_type}({params})" if params else self.rope_type
 
 
-def parse_spec(spec: str) -> dict:
+def parse_part(spec: str) -> dict:
     """``"yarn:factor=2,beta_fast=32"`` -> ``{"rope_type": "yarn", "factor": 2, "beta_fast": 32}``.
 
     Values are read as JSON where possible (numbers, true/false, lists such as ``[1,2]``: commas

@@ -2,7 +2,7 @@
 
 Each dataclass holds exactly the keys its rope type reads from a Hugging Face
 ``rope_parameters`` dict. Its ``KEYS`` table gives the rule of every key (a number in a range,
-a flag, a factor list); ``check_keys`` applies those rules alone (no model needed: a SPEC is
+a flag, a factor list); ``check_keys`` applies those rules alone (no model needed: a method is
 checked this way before a model is loaded), and ``parse(raw, context)`` applies them and then
 the checks that need the model's geometry (``context``: rotary dim, trained length). Every
 problem is a ``ValueError`` naming the key, the value and the allowed range.
@@ -117,7 +117,7 @@ class Params:
     @classmethod
     def check_keys(cls, name: str, raw: Mapping, *, unknown: str = "warn") -> dict[str, Any]:
         """Check every key of ``raw`` by its rule, without a model: unknown keys warn (``unknown="warn"``,
-        as transformers does for config files) or raise (``"error"``, for typed SPECs). Returns the checked
+        as transformers does for config files) or raise (``"error"``, for typed methods). Returns the checked
         keys that are present and not None."""
         extra = sorted(set(raw) - set(cls.KEYS) - cls.IGNORED)
         if extra and unknown == "error":
@@ -139,13 +139,13 @@ class Params:
 
 
 @dataclass(frozen=True)
-class MethodParams(Params):
+class RopeTypeParams(Params):
     """Base class of a rope type's typed parameters. Subclasses add fields and their ``KEYS`` rules."""
 
     IGNORED: ClassVar[frozenset[str]] = COMMON_KEYS
 
     @classmethod
-    def parse(cls, raw: Mapping, context: dict) -> MethodParams:
+    def parse(cls, raw: Mapping, context: dict) -> RopeTypeParams:
         """Build from an HF rope_parameters dict; ``context`` has the model-level keys."""
         cls.check_keys(context["rope_type"], raw)
         return cls()
@@ -175,12 +175,12 @@ def _original_length(values: dict, context: dict, required: bool = True) -> int 
 
 
 @dataclass(frozen=True)
-class DefaultParams(MethodParams):
+class DefaultParams(RopeTypeParams):
     """Plain RoPE (Su et al. 2021): no parameters beyond the base."""
 
 
 @dataclass(frozen=True)
-class LinearParams(MethodParams):
+class LinearParams(RopeTypeParams):
     """Position interpolation (Chen et al. 2023, Eq. 4): positions divided by ``factor``."""
 
     factor: float = 1.0
@@ -195,7 +195,7 @@ class LinearParams(MethodParams):
 
 
 @dataclass(frozen=True)
-class DynamicParams(MethodParams):
+class DynamicParams(RopeTypeParams):
     """Dynamic NTK (transformers ``dynamic``): base grows with the current length past the original."""
 
     factor: float = 1.0
@@ -213,7 +213,7 @@ class DynamicParams(MethodParams):
 
 
 @dataclass(frozen=True)
-class NtkParams(MethodParams):
+class NtkParams(RopeTypeParams):
     """Static NTK-aware scaling (bloc97 2023; YaRN paper Sec. 3.1): base * s^(d/(d-2))."""
 
     factor: float = 1.0
@@ -249,7 +249,7 @@ def _yarn_common(values: dict) -> dict:
 
 
 @dataclass(frozen=True)
-class YarnRampParams(MethodParams):
+class YarnRampParams(RopeTypeParams):
     """The fields YaRN and dynamic YaRN share: the trained length, the ramp and the temperature."""
 
     original_max_position_embeddings: int = 0
@@ -293,7 +293,7 @@ class DynamicYarnParams(YarnRampParams):
 
 
 @dataclass(frozen=True)
-class LongRopeParams(MethodParams):
+class LongRopeParams(RopeTypeParams):
     """LongRoPE / Phi-3 (Ding et al. 2024): per-pair rescale factors, long or short by length."""
 
     short_factor: tuple[float, ...] = ()
@@ -323,7 +323,7 @@ class LongRopeParams(MethodParams):
 
 
 @dataclass(frozen=True)
-class Llama3Params(MethodParams):
+class Llama3Params(RopeTypeParams):
     """Llama 3.1 frequency bands (Meta's ``apply_scaling``)."""
 
     factor: float = 8.0

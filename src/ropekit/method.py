@@ -1,26 +1,25 @@
-"""Extension specs: one string names a rope type, an attention variant, or both.
+"""Methods: one string names a rope type, an attention variant, or both (``--method`` on the CLI).
 
 Grammar: ``PART[+PART]``, each ``PART`` being ``NAME[:key=value[,key=value...]]`` (values are
 JSON where they parse: numbers, true/false, ``[lists]``). At most one rope part and one
 attention part:
 
 - rope types (``none``/``default``, ``linear``, ``ntk``, ``dynamic``, ``yarn``, ``dynamic_yarn``,
-  ``longrope``, ``llama3``, ``proportional``): e.g. ``yarn:factor=2``. On ``dynamic`` /
-  ``dynamic_yarn`` the extra key ``consistent=true`` selects cache-consistent dynamic scaling
-  (every cached key re-rotated with the current frequencies); without it the behaviour is
-  transformers'.
+  ``longrope``, ``llama3``, ``proportional``): e.g. ``yarn:factor=2``.
 - attention variants (``ropekit.attention.ATTENTION_VARIANTS``): ``self-extend:group=G,window=W``,
   ``rerope:window=w[,logn=true]``, ``leaky-rerope:window=w,k=K[,logn=true]``; all accept
-  ``chunk=N`` (queries per block).
+  ``chunk=N`` (queries per block). ``consistent`` (cache-consistent dynamic scaling: every cached
+  key re-rotated with the current frequencies) joins a ``dynamic`` or ``dynamic_yarn`` rope part:
+  ``dynamic:factor=2+consistent``; without it a dynamic type behaves as in transformers.
 
-Examples: ``none``, ``dynamic:factor=2,consistent=true``, ``self-extend:group=8,window=1024``,
-``yarn:factor=2+self-extend:group=4,window=1024``. A spec without a rope part keeps the model's
+Examples: ``none``, ``dynamic:factor=2+consistent``, ``self-extend:group=8,window=1024``,
+``yarn:factor=2+self-extend:group=4,window=1024``. A method without a rope part keeps the model's
 own rope. Attention variants re-rotate keys on use, so with a dynamic rope type they are always
 cache-consistent.
 
-``parse_extension`` checks the grammar, the names and every key's value and range at once, with
+``parse_method`` checks the grammar, the names and every key's value and range at once, with
 no model; the rope part is validated again against the model's geometry (head dim, base,
-trained length) by ``ExtensionSpec.rope_config(base)`` once the model is known.
+trained length) by ``Method.rope_config(base)`` once the model is known.
 """
 
 from __future__ import annotations
@@ -30,15 +29,14 @@ from typing import Any
 
 from ropekit.attention.base import AttentionVariant
 from ropekit.attention.registry import ATTENTION_VARIANTS, VariantParams
-from ropekit.rope import ROPE_TYPES, RopeConfig, parse_spec
-from ropekit.rope.params import check_flag
+from ropekit.rope import ROPE_TYPES, RopeConfig, parse_part
 
 DYNAMIC_TYPES = ("dynamic", "dynamic_yarn")
 
 
 @dataclass(frozen=True)
-class ExtensionSpec:
-    """A parsed spec: the rope part (HF ``rope_parameters`` with a canonical ``rope_type``, or None =
+class Method:
+    """A parsed method: the rope part (HF ``rope_parameters`` with a canonical ``rope_type``, or None =
     keep the model's) and the attention part (a canonical variant name and its parameters, or None)."""
 
     text: str
@@ -70,41 +68,33 @@ def _known_names() -> str:
     return f"rope types: {', '.join(ROPE_TYPES.known())}; attention variants: {', '.join(ATTENTION_VARIANTS.known())}"
 
 
-def parse_extension(spec: str | ExtensionSpec) -> ExtensionSpec:
-    """Parse a spec (see the module docstring); any problem raises a ValueError naming the part and key."""
-    if isinstance(spec, ExtensionSpec):
-        return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a spec must be 'NAME[:key=value,...][+NAME...]', got {spec!r}")
+def parse_method(method: str | Method) -> Method:
+    """Parse a method string (see the module docstring); any problem raises a ValueError naming the part and key."""
+    if isinstance(method, Method):
+        return method
+    if not isinstance(method, str) or not method.strip():
+        raise ValueError(f"a method must be 'NAME[:key=value,...][+NAME...]', got {method!r}")
     rope: dict[str, Any] | None = None
     attention, attention_params = None, None
-    for part in (p.strip() for p in spec.split("+")):
+    for part in (p.strip() for p in method.split("+")):
         if not part:
-            raise ValueError(f"spec {spec!r}: empty part around '+'")
-        raw = parse_spec(part)
+            raise ValueError(f"method {method!r}: empty part around '+'")
+        raw = parse_part(part)
         name = str(raw.pop("rope_type")).strip().lower()
-        if name in ATTENTION_VARIANTS and ATTENTION_VARIANTS.resolve(name) != "consistent":
-            if attention == "consistent":
-                raise ValueError(f"spec {spec!r}: attention variants are already cache-consistent; "
-                                 "drop consistent=true")
+        if name in ATTENTION_VARIANTS:
             if attention is not None:
-                raise ValueError(f"spec {spec!r}: at most one attention variant")
+                raise ValueError(f"method {method!r}: at most one attention variant")
             attention = ATTENTION_VARIANTS.resolve(name)
             attention_params = ATTENTION_VARIANTS[attention].params.parse(raw)
             continue
         if name not in ROPE_TYPES:
-            raise ValueError(f"spec {spec!r}: unknown name {name!r}; {_known_names()}")
+            raise ValueError(f"method {method!r}: unknown name {name!r}; {_known_names()}")
         if rope is not None:
-            raise ValueError(f"spec {spec!r}: at most one rope type")
+            raise ValueError(f"method {method!r}: at most one rope type")
         rope_type = ROPE_TYPES.resolve(name)
-        consistent = check_flag("consistent", raw.pop("consistent", False), what=f"{rope_type} key")
-        if consistent and rope_type not in DYNAMIC_TYPES:
-            raise ValueError(f"spec {spec!r}: consistent=true applies to {' / '.join(DYNAMIC_TYPES)} only")
         ROPE_TYPES[rope_type].params.check_keys(rope_type, raw, unknown="error")
         rope = {"rope_type": rope_type, **raw}
-        if consistent:
-            if attention is not None:
-                raise ValueError(f"spec {spec!r}: attention variants are already cache-consistent; "
-                                 "drop consistent=true")
-            attention, attention_params = "consistent", ATTENTION_VARIANTS["consistent"].params.parse({})
-    return ExtensionSpec(text=spec.strip(), rope=rope, attention=attention, attention_params=attention_params)
+    if attention == "consistent" and rope is not None and rope["rope_type"] not in DYNAMIC_TYPES:
+        raise ValueError(f"method {method!r}: consistent applies to {' / '.join(DYNAMIC_TYPES)} rope types only "
+                         f"(the others do not change with the length), got {rope['rope_type']!r}")
+    return Method(text=method.strip(), rope=rope, attention=attention, attention_params=attention_params)
