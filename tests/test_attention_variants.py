@@ -300,7 +300,7 @@ def test_rope_part_is_validated_against_the_model_not_a_made_up_geometry():
         patch(model, wrong)
 
 
-def test_apply_extension_resets_to_base_rope():
+def test_patch_resets_to_base_rope():
     model = tiny_model()
     base = model.config.rope
     patch(model, "yarn:factor=2", base)
