@@ -164,15 +164,18 @@ def test_grids_start_with_the_plan_and_reach_the_target():
                 assert p.rope["factor"] >= n / TRAINED
 
 
-def test_grid_reach_rules_give_the_plan_parameters_at_its_window():
-    """At the plan's window L/2 the grids' least group and leak are the plan's own."""
+def test_reach_rules_are_the_least_that_reach():
+    """least_group: (L - W) * G + W >= N and G - 1 falls short; least_leak maps distance N onto L - 1 exactly."""
+    from ropekit.convert.plan import least_group, least_leak
+
     for n in (33, 64, 100, 1000):
-        plan = {c.family: parse_method(c.method).attention_params for c in plan_extension(BASE, n)
-                if c.family in ("self-extend", "leaky-rerope")}
-        window = TRAINED // 2
-        assert plan["self-extend"].window == window == plan["leaky-rerope"].window
-        assert grids.least_group(TRAINED, n, window) == plan["self-extend"].group
-        assert math.ceil(grids.least_leak(TRAINED, n, window) * 100) / 100 == pytest.approx(plan["leaky-rerope"].k)
+        for window in (1, 4, TRAINED // 2, TRAINED - 1):
+            group = least_group(TRAINED, n, window)
+            assert (TRAINED - window) * group + window >= n
+            assert group == 1 or (TRAINED - window) * (group - 1) + window < n
+            if window < TRAINED - 1:
+                k = least_leak(TRAINED, n, window)
+                assert window + (n - window) / k == pytest.approx(TRAINED - 1, rel=1e-12)
 
 
 def test_yarn_grid_scales_the_plan_factor():

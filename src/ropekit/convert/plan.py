@@ -54,6 +54,16 @@ def frequency_changes(base: RopeConfig, rope: RopeConfig) -> str:
     return "; ".join(parts)
 
 
+def least_group(trained: int, target_length: int, window: int) -> int:
+    """The smallest Self-Extend group G whose reach ``(L - W) * G + W`` is at least N."""
+    return max(1, math.ceil((target_length - window) / (trained - window)))
+
+
+def least_leak(trained: int, target_length: int, window: int) -> float:
+    """The Leaky ReRoPE leak k that maps distance N to L - 1: ``(N - w) / (L - 1 - w)``."""
+    return (target_length - window) / (trained - 1 - window)
+
+
 def plan_extension(base: RopeConfig, target_length: int) -> list[Candidate]:
     """The candidates for ``target_length`` tokens on a model whose rope is ``base`` (trained length L)."""
     trained = base.original_max_position_embeddings
@@ -67,9 +77,9 @@ def plan_extension(base: RopeConfig, target_length: int) -> list[Candidate]:
     factor = f"{math.ceil(s * 1000) / 1000:g}"  # rounded up: the factor reaches the target
     out: list[Candidate] = []
 
-    def rope_type(family: str, spec: str, notes: list[str] | None = None) -> None:
-        rope = parse_method(spec).rope_config(base)
-        out.append(Candidate(family, spec, target_length, frequency_changes(base, rope), notes or []))
+    def rope_type(family: str, method: str, notes: list[str] | None = None) -> None:
+        rope = parse_method(method).rope_config(base)
+        out.append(Candidate(family, method, target_length, frequency_changes(base, rope), notes or []))
 
     rope_type("linear", f"linear:factor={factor}")
     rope_type("ntk", f"ntk:factor={factor}")
@@ -83,13 +93,12 @@ def plan_extension(base: RopeConfig, target_length: int) -> list[Candidate]:
     rope_type("llama3", f"llama3:factor={factor},low_freq_factor=1,high_freq_factor=4,"
                         f"original_max_position_embeddings={trained}")
     window = trained // 2
-    group = math.ceil((target_length - window) / (trained - window))
+    group = least_group(trained, target_length, window)
     out.append(Candidate("self-extend", f"self-extend:group={group},window={window}",
                          (trained - window) * group + window,
                          f"distances below {window} exact; distances {window}..{trained - 1} grouped by {group} "
                          f"(positions floor(p/{group}))"))
-    leak = (target_length - window) / (trained - 1 - window)
-    k = math.ceil(leak * 100) / 100
+    k = math.ceil(least_leak(trained, target_length, window) * 100) / 100
     out.append(Candidate("leaky-rerope", f"leaky-rerope:window={window},k={k:g}",
                          int(window + (trained - 1 - window) * k),
                          f"distances below {window} exact; distance r >= {window} seen as "

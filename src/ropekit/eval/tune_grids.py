@@ -3,17 +3,16 @@ small grid around ``plan_extension``'s parameters, the plan's spec first, the re
 seed (``order_candidates``).
 
 The grids take the plan's spec as their first entry and its YaRN factor as the centre of the YaRN factors;
-the Self-Extend and Leaky ReRoPE entries use the plan's reach rules at other windows (``least_group``,
-``least_leak``: at the plan's window L/2 they give the plan's own group and leak).
+the Self-Extend and Leaky ReRoPE entries use the plan's reach rules at other windows
+(``ropekit.convert.plan.least_group`` and ``least_leak``, which the plan itself uses at its window L/2).
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
 
-from ropekit.convert.plan import plan_extension
+from ropekit.convert.plan import least_group, least_leak, plan_extension
 from ropekit.eval.longrope_search import default_longrope_spec, round_up
 from ropekit.method import parse_method
 from ropekit.rope import RopeConfig
@@ -37,16 +36,6 @@ def plan_spec(family: str, base: RopeConfig, target_length: int) -> str:
         if candidate.family == family:
             return candidate.method
     raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
-
-
-def least_group(trained: int, target_length: int, window: int) -> int:
-    """The smallest Self-Extend group G whose reach (L - W) * G + W is at least N."""
-    return max(1, math.ceil((target_length - window) / (trained - window)))
-
-
-def least_leak(trained: int, target_length: int, window: int) -> float:
-    """The Leaky ReRoPE leak k that maps distance N to L - 1: (N - w) / (L - 1 - w)."""
-    return (target_length - window) / (trained - 1 - window)
 
 
 def yarn_spec(factor: float, trained: int, betas: tuple[float, float], attention: float | None) -> str:
