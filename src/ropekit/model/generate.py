@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from ropekit.kernels.decode import DECODE_OPS
+from ropekit.memory import available_memory, check_fits, request_bytes
 from ropekit.model.kv_cache import KVCache
-from ropekit.model.memory import request_bytes
-from ropekit.resources import available_memory, check_fits
 from ropekit.rope.dispatch import use_backend
 
 MAX_POSITIONS = 2**31  # positions are int32 in the fused kernels; a cache longer than this cannot be addressed
