@@ -217,7 +217,10 @@ def test_cli_convert_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, mess
 @pytest.mark.parametrize(("spec", "rope_type"), [
     ("yarn:factor=4", "yarn"), ("linear:factor=2", "linear"), ("yarn:factor=4,attention_factor=1.3", "yarn"),
     # a rope_freqs tensor, read back as Llama 3 bands (the way Llama 3.x GGUFs carry their rope)
-    ("llama3:factor=8,low_freq_factor=1,high_freq_factor=4,original_max_position_embeddings=16", "llama3")])
+    ("llama3:factor=8,low_freq_factor=1,high_freq_factor=4,original_max_position_embeddings=16", "llama3"),
+    # rope_factors_long / _short tensors, read back as LongRoPE
+    ("longrope:short_factor=[1,1,1,1,1,1,1,1],long_factor=[1,1,2,2,2,2,3,3],original_max_position_embeddings=16",
+     "longrope")])
 def test_rewritten_gguf_loads_with_the_new_rope_and_the_original_is_untouched(tmp_path, spec, rope_type):
     from ropekit.loading import load_model
     from ropekit.model import patch
@@ -235,8 +238,8 @@ def test_rewritten_gguf_loads_with_the_new_rope_and_the_original_is_untouched(tm
     assert rewritten.config.rope.frequencies()[1] == pytest.approx(original.config.rope.frequencies()[1], rel=1e-6)
     ids = torch.randint(0, 250, (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        # exact, except that GGUF stores an explicit attention factor as a float32 ratio (1 ulp of it: ~1e-7)
-        tolerance = 1e-5 if "attention_factor" in spec else 0.0
+        # exact, except that GGUF stores an attention factor (explicit, or LongRoPE's) as a float32 (1 ulp: ~1e-7)
+        tolerance = 1e-5 if "attention_factor" in spec or spec.startswith("longrope") else 0.0
         torch.testing.assert_close(rewritten(ids), original(ids), atol=tolerance, rtol=tolerance)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 

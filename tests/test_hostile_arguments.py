@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 from tiny_llama import tiny_model, write_gguf
 
 from ropekit.cli import main
+from ropekit.memory import MEMORY_ENV, available_memory, check_fits, format_bytes
 from ropekit.model.generate import LongPromptWarning, generate_ids
-from ropekit.resources import MEMORY_ENV, available_memory, check_fits, format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = int(os.environ.get("ROPEKIT_FUZZ_EXAMPLES", "0")) or None

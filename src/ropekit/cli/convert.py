@@ -55,24 +55,11 @@ def add_parsers(subparsers) -> None:
 
 def gguf_rope_inputs(path: Path) -> tuple[dict, dict, str]:
     """(metadata, rope factor tensors as float lists, architecture) of a GGUF file."""
-    from ropekit.convert.gguf_rewrite import ROPE_TENSORS
-    from ropekit.loading.gguf_file import open_gguf, read_metadata
+    from ropekit.loading.gguf_file import open_gguf, read_metadata, rope_tensors
 
     reader = open_gguf(path)
     metadata = read_metadata(reader)
-    tensors = {t.name: _float32_values(path, t) for t in reader.tensors if t.name in ROPE_TENSORS}
-    return metadata, tensors, str(metadata.get("general.architecture", "llama"))
-
-
-def _float32_values(path: Path, tensor) -> list[float]:
-    """A rope factor tensor's values (llama.cpp stores them as F32)."""
-    import numpy as np
-
-    if int(tensor.tensor_type) != 0:  # GGML_TYPE_F32
-        raise ValueError(f"{path}: tensor {tensor.name} must be F32 (type 0), got type {int(tensor.tensor_type)}")
-    data = np.asarray(tensor.data)
-    values = np.frombuffer(data.tobytes(), dtype=np.float32) if data.dtype == np.uint8 else data.astype(np.float32)
-    return [float(v) for v in values.reshape(-1)]
+    return metadata, rope_tensors(reader), str(metadata.get("general.architecture", "llama"))
 
 
 def model_rope(source: str):

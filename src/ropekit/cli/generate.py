@@ -103,60 +103,21 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _generate_transformers(args: argparse.Namespace, spec) -> int:
     """The same generation in transformers (``ropekit.hf.patch`` for the spec), streamed the same way."""
-    import torch
-
-    from ropekit.eval.runners import load_transformers
-    from ropekit.hf import patch
+    from ropekit.eval.runners import TransformersRunner, load_transformers
     from ropekit.loading import load_tokenizer, parse_device, parse_dtype
-    from ropekit.model.generate import (
-        TextStream,
-        check_generation_fits,
-        check_sampling,
-        prepare_prompt,
-        warn_long_prompt,
-    )
+    from ropekit.model.generate import check_sampling
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading
     tokenizer = load_tokenizer(args.model)
     model = load_transformers(args.model, dtype=parse_dtype(args.dtype), device=parse_device(args.device))
+    runner = TransformersRunner(model, tokenizer)
     if spec is not None:
-        patch(model, spec)
+        runner.use(spec)
     if args.verbose:
         print(f"ropekit generate: transformers {type(model).__name__}, attention implementation "
               f"{model.config._attn_implementation}, spec {spec or 'the model own'}", file=sys.stderr)
-    ids = prepare_prompt(tokenizer, args.prompt, args.chat)
-    if args.max_new_tokens:
-        check_generation_fits(model.config, len(ids), args.max_new_tokens, next(model.parameters()).dtype)
-        warn_long_prompt(model, len(ids))
-    stop = tokenizer.stop_token_ids
-    stream = TextStream(tokenizer)
-
-    class Streamer:  # transformers' streamer protocol: put(token ids), end()
-        def __init__(self):
-            self.prompt_seen = False
-
-        def put(self, value):
-            if not self.prompt_seen:
-                self.prompt_seen = True
-                return
-            for token in value.reshape(-1).tolist():
-                if token not in stop and (piece := stream.push(int(token))):
-                    _write(piece)
-
-        def end(self):
-            if rest := stream.flush():
-                _write(rest)
-
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    sampling = {"do_sample": args.temperature > 0}
-    if args.temperature > 0:
-        sampling.update(temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0)
-    x = torch.tensor([ids], device=next(model.parameters()).device)
-    with torch.inference_mode():
-        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
-                       eos_token_id=sorted(stop) or None, pad_token_id=tokenizer.pad_token_id or 0,
-                       streamer=Streamer(), **sampling)
+    runner.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                    top_k=args.top_k, top_p=args.top_p, stream=_write, chat=args.chat)
     sys.stdout.write("\n")
     return 0
 

@@ -31,8 +31,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ropekit.eval.memory import PeakMemory
 from ropekit.eval.stats import wilson_interval
+from ropekit.memory import PeakMemory
 from ropekit.model.generate import generate_ids
 from ropekit.progress import Progress
 

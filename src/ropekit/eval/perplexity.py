@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ropekit.eval.memory import PeakMemory
+from ropekit.memory import PeakMemory
 from ropekit.progress import Progress
 
 LOGIT_CHUNK = 2048

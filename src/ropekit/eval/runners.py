@@ -14,8 +14,10 @@ A runner holds a loaded model and its tokenizer and offers what the protocols ne
 
 ``EngineRunner`` drives ``ropekit.model`` (specs through ``patch``);
 ``TransformersRunner`` drives a model loaded with ``AutoModelForCausalLM.from_pretrained`` (specs
-through ``ropekit.hf.patch``). Both tokenize with ropekit's tokenizer of the same file, so the
-same text gives the same tokens on both backends.
+through ``ropekit.hf.patch``) and also generates text through transformers' own ``generate()``
+(``TransformersRunner.generate``, with the contract of ``ropekit.generate`` for one prompt). Both
+tokenize with ropekit's tokenizer of the same file, so the same text gives the same tokens on both
+backends.
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ import torch.nn.functional as F
 from ropekit.eval.perplexity import LOGIT_CHUNK, window_nll
 from ropekit.method import parse_method
 from ropekit.model.attention import patch
-from ropekit.model.generate import LongPromptWarning, generate_ids, prefill
+from ropekit.model.generate import (
+    LongPromptWarning,
+    TextStream,
+    check_generation_fits,
+    check_sampling,
+    generate_ids,
+    prefill,
+    prepare_prompt,
+    warn_long_prompt,
+)
 from ropekit.rope import RopeConfig
 
 BACKENDS = ("ropekit", "transformers")
@@ -209,6 +220,33 @@ class TransformersRunner:
                 hook.remove()
         return out[0, len(ids):].tolist()
 
+    @torch.inference_mode()
+    def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
+                 top_k: int | None = None, top_p: float | None = None, stream: Callable[[str], None] | None = None,
+                 chat: bool = False) -> str:
+        """The continuation of ``prompt`` through transformers' own ``generate()``, with the contract of
+        ``ropekit.model.generate.generate`` for one prompt: text only (the prompt and stop tokens left out),
+        greedy at temperature 0 (else sampling with ``top_k`` / ``top_p``, repeatable with ``seed``), each
+        text piece passed to ``stream`` as it is produced, ``chat`` wrapping the prompt in the chat template.
+        The request is checked before anything runs (sampling arguments, the memory it needs); a prompt
+        past the trained context warns once.
+        """
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        ids = prepare_prompt(self.tokenizer, prompt, chat)
+        if max_new_tokens:
+            check_generation_fits(self.model.config, len(ids), max_new_tokens, self.dtype)
+            warn_long_prompt(self.model, len(ids))
+        stop = self.tokenizer.stop_token_ids
+        pieces: list[str] = []
+        streamer = _TextStreamer(self.tokenizer, stop, lambda piece: _send(piece, pieces, stream))
+        if seed is not None:
+            torch.manual_seed(seed)
+        x = torch.tensor([ids], device=next(self.model.parameters()).device)
+        self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                            eos_token_id=sorted(stop) or None, pad_token_id=self.tokenizer.pad_token_id or 0,
+                            streamer=streamer, **_sampling_arguments(temperature, top_k, top_p))
+        return "".join(pieces)
+
     def shared_prefix_length(self, prompts: list[list[int]]) -> int:
         """0: each prompt runs whole in transformers' own ``generate`` (no shared prefix)."""
         return 0
@@ -218,6 +256,42 @@ class TransformersRunner:
         if shared:
             raise ValueError("the transformers runner runs every prompt whole (shared must be 0)")
         return [self.greedy(p, max_new_tokens, on_prefill_layer) for p in prompts]
+
+
+class _TextStreamer:
+    """transformers' streamer protocol (``put(token ids)``, ``end()``): skips the prompt's ids, then passes
+    the text of each new token (stop tokens left out) to ``send`` as ``TextStream`` completes it."""
+
+    def __init__(self, tokenizer, stop: set[int], send: Callable[[str], None]):
+        self.text, self.stop, self.send = TextStream(tokenizer), stop, send
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            if token not in self.stop and (piece := self.text.push(int(token))):
+                self.send(piece)
+
+    def end(self) -> None:
+        if rest := self.text.flush():
+            self.send(rest)
+
+
+def _send(piece: str, pieces: list[str], stream: Callable[[str], None] | None) -> None:
+    """Keep ``piece`` in ``pieces`` and pass it on to ``stream`` when there is one."""
+    pieces.append(piece)
+    if stream is not None:
+        stream(piece)
+
+
+def _sampling_arguments(temperature: float, top_k: int | None, top_p: float | None) -> dict[str, Any]:
+    """transformers' ``generate()`` arguments for ropekit's sampling settings: greedy at temperature 0,
+    no top-k / top-p filter where none is given."""
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:

@@ -19,11 +19,10 @@ from ropekit.eval.passkey import check_task, evaluate_passkey
 from ropekit.eval.perplexity import evaluate_perplexity, plan_windows
 from ropekit.eval.results import ResultStore
 from ropekit.eval.runners import as_runner
+from ropekit.memory import check_fits, request_bytes
 from ropekit.method import parse_method
 from ropekit.model.generate import MAX_POSITIONS
-from ropekit.model.memory import request_bytes
 from ropekit.progress import Progress
-from ropekit.resources import check_fits
 
 
 def trained_length(model) -> int:

@@ -37,10 +37,9 @@ from ropekit.eval.perplexity import evaluate_perplexity
 from ropekit.eval.results import ResultStore
 from ropekit.eval.stats import wilson_interval
 from ropekit.eval.tune_grids import FAMILIES, GRIDS, order_candidates, plan_spec
+from ropekit.memory import check_fits, request_bytes
 from ropekit.model.generate import MAX_POSITIONS
-from ropekit.model.memory import request_bytes
 from ropekit.progress import Progress
-from ropekit.resources import check_fits
 from ropekit.rope import RopeConfig
 
 OBJECTIVES = ("ppl", "passkey", "both")

@@ -4,7 +4,8 @@ The header is read by ``gguf_header.parse_gguf`` (every count and length bounded
 and every number and tensor shape is checked (``checks``) before a tensor is read. Then three
 things happen here and nowhere else:
 
-1. metadata ``llama.*`` keys become a ``LlamaConfig`` (rope settings included);
+1. metadata ``llama.*`` keys become a ``LlamaConfig`` (the rope settings, keys and factor tensors, read
+   by ``RopeConfig.from_gguf``, the one GGUF rope reader);
 2. tensors are de-quantized with the ``gguf`` package (``gguf.quants.dequantize``);
 3. llama.cpp's q/k row permutation is undone. Its converter reorders the rows of
    ``q_proj``/``k_proj`` so that the "half" rope layout of HF checkpoints (pairs ``i, i+D/2``)
@@ -15,6 +16,7 @@ things happen here and nowhere else:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,9 +26,10 @@ from ropekit.loading import checks
 from ropekit.loading.gguf_header import GGUF_MAGIC, GGUFFile, TensorInfo, parse_gguf
 from ropekit.model.llama import LlamaConfig
 from ropekit.rope import RopeConfig
+from ropekit.rope.formats import GGUF_ROPE_TENSORS
 
 __all__ = ["GGUF_MAGIC", "GGUFFile", "TensorInfo", "dequantize_tensor", "open_gguf", "read_gguf", "read_metadata",
-           "reverse_permute"]
+           "reverse_permute", "rope_tensors"]
 
 # Quantization types we de-quantize (gguf.quants.dequantize supports more; these are tested or
 # simple block formats). Anything else gets a clear error instead of a surprise.
@@ -87,11 +90,11 @@ def architecture(meta: dict[str, Any], source: Any = "GGUF metadata") -> str:
     return arch
 
 
-def llama_config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool,
-                               source: Any = "GGUF metadata", rope_freqs: list[float] | None = None) -> LlamaConfig:
-    """Map GGUF ``llama.*`` keys to a ``LlamaConfig`` (rope settings from ``llama.rope.*``, and from the
-    ``rope_freqs`` tensor's values when given), every number checked first (``checks.check_architecture``);
-    ``source`` names the file in messages."""
+def llama_config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: bool, source: Any = "GGUF metadata",
+                               rope_tensors: Mapping[str, list[float]] | None = None) -> LlamaConfig:
+    """Map GGUF ``llama.*`` keys to a ``LlamaConfig``, every number checked first (``checks.check_architecture``);
+    the rope settings come from ``llama.rope.*`` and the rope factor tensors' values (``rope_tensors``, by
+    tensor name) through ``RopeConfig.from_gguf``. ``source`` names the file in messages."""
     arch = architecture(meta, source)
     names = {hf_key: f"{arch}.{key}" for hf_key, key in _ARCH_KEYS.items()}
     hf = {hf_key: meta.get(name) for hf_key, name in names.items()}
@@ -109,54 +112,19 @@ def llama_config_from_metadata(meta: dict[str, Any], *, tie_word_embeddings: boo
         raise checks.fail(source, f"{arch}.attention.value_length", value_length,
                           f"must equal the key length {hf['head_dim']} (ropekit's attention)")
     hf["tie_word_embeddings"] = tie_word_embeddings
-    hf["rope_parameters"] = _rope_parameters(meta, arch, hf["head_dim"], source, rope_freqs)
-    if hf["rope_parameters"].get("partial_rotary_factor") == 1.0:
-        del hf["rope_parameters"]["partial_rotary_factor"]
+    hf["rope_parameters"] = _rope_parameters(meta, arch, hf["head_dim"], source, rope_tensors)
     return checks.build_config(source, hf)
 
 
 def _rope_parameters(meta: dict[str, Any], arch: str, head_dim: int, source: Any,
-                     rope_freqs: list[float] | None = None) -> dict[str, Any]:
-    """HF ``rope_parameters`` from ``{arch}.rope.*`` (llama.cpp writes none/linear/yarn scaling) and the
-    ``rope_freqs`` tensor (Llama 3 bands), checked; read as llama.cpp reads them (``RopeConfig.from_gguf``:
-    the YaRN attention factor, Llama 3's factors recovered from the tensor)."""
-    checked = _checked_rope_parameters(meta, arch, head_dim, source)
-    tensors = {} if rope_freqs is None else {"rope_freqs.weight": rope_freqs}
+                     rope_tensors: Mapping[str, list[float]] | None) -> dict[str, Any]:
+    """HF ``rope_parameters`` of the file as ``RopeConfig.from_gguf`` reads them (with the checked head
+    dimension); its errors name ``source`` and the key."""
     try:
-        rope = RopeConfig.from_gguf({**meta, f"{arch}.attention.key_length": head_dim}, tensors)
+        rope = RopeConfig.from_gguf({**meta, f"{arch}.attention.key_length": head_dim}, rope_tensors)
     except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
-    params = rope.to_hf()["rope_parameters"]
-    params.setdefault("partial_rotary_factor", checked.get("partial_rotary_factor", 1.0))
-    return params
-
-
-def _checked_rope_parameters(meta: dict[str, Any], arch: str, head_dim: int, source: Any) -> dict[str, Any]:
-    """The ``{arch}.rope.*`` keys checked one by one (each error names its key)."""
-    key = f"{arch}.rope."
-    theta = checks.check_float(source, key + "freq_base", meta.get(key + "freq_base", 10000.0), 1.0)
-    params: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
-    rotary = checks.check_int(source, key + "dimension_count", meta.get(key + "dimension_count", head_dim),
-                              head_dim, low=2)
-    if rotary % 2:
-        raise checks.fail(source, key + "dimension_count", rotary, "must be even (rope rotates pairs of channels)")
-    params["partial_rotary_factor"] = rotary / head_dim
-    scaling = meta.get(key + "scaling.type", "none")
-    factor = meta.get(key + "scaling.factor")
-    if scaling is not None and (not isinstance(scaling, str) or scaling not in ("none", "linear", "yarn")):
-        raise checks.fail(source, key + "scaling.type", scaling, "unsupported GGUF rope scaling type "
-                                                                 "(known: none, linear, yarn)")
-    if factor is not None:
-        factor = checks.check_float(source, key + "scaling.factor", factor, 0.0, low_open=False)
-    if scaling in ("none", None) or factor in (None, 0.0, 1.0):
-        return params
-    params.update(rope_type=scaling,
-                  factor=checks.check_float(source, key + "scaling.factor", factor, 1.0, low_open=False))
-    original = meta.get(key + "scaling.original_context_length")
-    if scaling == "yarn" and original is not None:
-        params["original_max_position_embeddings"] = checks.check_int(
-            source, key + "scaling.original_context_length", original, checks.MAX_CONTEXT)
-    return params
+        raise ValueError(f"{source}: {checks.one_line(err)}") from None
+    return rope.to_hf()["rope_parameters"]
 
 
 def dequantize_tensor(tensor) -> np.ndarray:
@@ -210,7 +178,7 @@ def _our_name(gguf_name: str) -> str | None:
 
 def check_tensors(gguf_file: GGUFFile, config: LlamaConfig) -> None:
     """The file's tensors are exactly the ones ``config`` implies, each of its shape and of a type we
-    de-quantize (``rope_freqs.weight`` excepted); the token list matches the embedding rows."""
+    de-quantize (the rope factor tensors excepted); the token list matches the embedding rows."""
     path, meta = gguf_file.path, gguf_file.metadata
     ours = {}
     for tensor in gguf_file.tensors:
@@ -242,15 +210,21 @@ def _gguf_name(our_name: str) -> str:
     return f"blk.{index}.{short}.{kind}"
 
 
-def _rope_freqs_values(path, tensor) -> list[float]:
-    """``rope_freqs.weight`` as floats: an F32 vector of one divisor per rotated pair."""
+def rope_tensors(gguf_file: GGUFFile) -> dict[str, list[float]]:
+    """The file's rope factor tensors (``GGUF_ROPE_TENSORS``: Llama 3's ``rope_freqs``, LongRoPE's
+    ``rope_factors_long`` / ``_short``) by name, as floats; each must be an F32 vector of finite entries > 0."""
+    return {t.name: _rope_tensor_values(gguf_file.path, t) for t in gguf_file.tensors if t.name in GGUF_ROPE_TENSORS}
+
+
+def _rope_tensor_values(path, tensor) -> list[float]:
+    """A rope factor tensor as floats: an F32 vector of one factor per rotated pair."""
     if tensor.tensor_type.name != "F32" or len(tensor.shape) != 1:
-        raise checks.fail(path, "tensor rope_freqs.weight", f"{tensor.tensor_type.name} {list(tensor.shape)}",
-                          "must be an F32 vector (one divisor per rotated pair)")
+        raise checks.fail(path, f"tensor {tensor.name}", f"{tensor.tensor_type.name} {list(tensor.shape)}",
+                          "must be an F32 vector (one factor per rotated pair)")
     values = np.frombuffer(bytes(tensor.data), dtype="<f4")
     if not np.isfinite(values).all() or (values <= 0).any():
-        raise checks.fail(path, "tensor rope_freqs.weight", "non-finite or non-positive entries",
-                          "every divisor must be finite and > 0")
+        raise checks.fail(path, f"tensor {tensor.name}", "non-finite or non-positive entries",
+                          "every factor must be finite and > 0")
     return values.astype(float).tolist()
 
 
@@ -259,20 +233,17 @@ def read_gguf(path: str | os.PathLike, *, has_rope_override: bool = False
     """``(config, float32 state dict, metadata)`` of a llama GGUF file, everything checked before a
     tensor is read.
 
-    Llama 3.x GGUFs store their rope as per-frequency divisors (``rope_freqs.weight``): they are read
-    back as ``llama3`` with its factor, band edges and trained length (or refused, naming the tensor,
-    when no Llama 3 configuration produces them); an explicit rope override replaces them.
+    The rope factor tensors are settings, not weights: Llama 3.x GGUFs store their rope as per-frequency
+    divisors (``rope_freqs.weight``), read back as ``llama3`` with its factor, band edges and trained
+    length (or refused, naming the tensor, when no Llama 3 configuration produces them); LongRoPE's
+    ``rope_factors_long`` / ``_short`` become ``longrope``. An explicit rope override replaces them.
     """
     gguf_file = open_gguf(path)
     meta = read_metadata(gguf_file)
     names = {t.name for t in gguf_file.tensors}
-    rope_freqs = None
-    if "rope_freqs.weight" in names:
-        tensor = next(t for t in gguf_file.tensors if t.name == "rope_freqs.weight")
-        if not has_rope_override:
-            rope_freqs = _rope_freqs_values(path, tensor)
-        gguf_file.tensors = [t for t in gguf_file.tensors if t.name != "rope_freqs.weight"]
+    factors = {} if has_rope_override else rope_tensors(gguf_file)
+    gguf_file.tensors = [t for t in gguf_file.tensors if t.name not in GGUF_ROPE_TENSORS]
     config = llama_config_from_metadata(meta, tie_word_embeddings="output.weight" not in names, source=path,
-                                        rope_freqs=rope_freqs)
+                                        rope_tensors=factors)
     check_tensors(gguf_file, config)
     return config, gguf_state_dict(gguf_file, config), meta

@@ -16,9 +16,8 @@ import torch
 
 from ropekit.dispatch import use_backend
 from ropekit.kernels.decode import DECODE_OPS
+from ropekit.memory import available_memory, check_fits, request_bytes
 from ropekit.model.kv_cache import KVCache
-from ropekit.model.memory import request_bytes
-from ropekit.resources import available_memory, check_fits
 
 MAX_POSITIONS = 2**31  # positions are int32 in the fused kernels; a cache longer than this cannot be addressed
 

@@ -18,8 +18,7 @@ import torch
 
 from ropekit.dispatch import Recording
 from ropekit.kernels.decode import decode_attention
-from ropekit.model.memory import kv_cache_bytes
-from ropekit.resources import check_fits
+from ropekit.memory import check_fits, kv_cache_bytes
 
 
 class KVCache:

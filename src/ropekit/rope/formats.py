@@ -23,6 +23,7 @@ something else. The semantics of the other runtimes were read in their sources (
 from __future__ import annotations
 
 import math
+import numbers
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -158,11 +159,70 @@ def to_gguf(rc: RopeConfig, arch: str = "llama") -> dict[str, Any]:
     return out
 
 
-def _meta(metadata: Mapping, key: str, default: Any = None) -> Any:
+# The largest context length a GGUF file may give (far above any released model; the loaders' cap too).
+MAX_GGUF_CONTEXT = 1 << 24
+GGUF_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+# The tensors that carry rope factors: Llama 3's per-pair divisors, LongRoPE's long and short factors.
+GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _shown(value: Any) -> str:
+    """A metadata value as an error message shows it: numbers as written, strings quoted and shortened,
+    arrays by their size."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str):
+        return repr(value[:100])
+    if isinstance(value, Sequence) or hasattr(value, "__array__"):
+        try:
+            return f"an array of {len(value)} values"
+        except TypeError:
+            pass
+    return repr(value)[:100]
+
+
+def _bound(x: float) -> str:
+    """A range end as a message writes it: ``1``, ``0.5``, ``16777216``, ``inf``."""
+    return str(int(x)) if math.isfinite(x) and float(x).is_integer() else f"{x:g}"
+
+
+def _gguf_error(key: str, value: Any, allowed: str) -> ValueError:
+    """``"<key> = <value>: <allowed>"``, the one-line message for a bad GGUF key."""
+    return ValueError(f"{key} = {_shown(value)}: {allowed}")
+
+
+def _gguf_number(metadata: Mapping, key: str, default: Any = None, *, low: float = -math.inf,
+                 high: float = math.inf, low_open: bool = False, integer: bool = False,
+                 required: bool = False) -> Any:
+    """``metadata[key]`` (``default`` when absent; None when both are) checked: a finite number in
+    ``[low, high]`` (``(low, high]`` with ``low_open``), a whole one for ``integer``; else a ValueError
+    naming the key. Returns an int for ``integer``, a float otherwise."""
     value = metadata.get(key, default)
-    if isinstance(value, (list, tuple)) and not isinstance(default, (list, tuple)):
-        raise ValueError(f"GGUF metadata {key} must be a single value, got a list")
-    return value
+    if value is None:
+        if required:
+            raise ValueError(f"{key} = (missing): required")
+        return None
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    finite = real and (isinstance(value, numbers.Integral) or math.isfinite(value))
+    if integer:
+        whole = finite and (isinstance(value, numbers.Integral) or float(value).is_integer())
+        if not whole or not low <= value <= high:
+            raise _gguf_error(key, value, f"must be an integer in [{_bound(low)}, {_bound(high)}]")
+        return int(value)
+    allowed = f"must be a finite number in {'(' if low_open else '['}{_bound(low)}, {_bound(high)}]"
+    if not finite or (value <= low if low_open else value < low) or value > high:
+        raise _gguf_error(key, value, allowed)
+    return float(value)
+
+
+def _gguf_scaling_type(metadata: Mapping, key: str) -> str:
+    """``<arch>.rope.scaling.type``: one of ``GGUF_SCALING_TYPES`` ("none" when absent)."""
+    kind = metadata.get(key, "none")
+    if kind is None:
+        return "none"
+    if not isinstance(kind, str) or kind not in GGUF_SCALING_TYPES:
+        raise _gguf_error(key, kind, f"unsupported GGUF rope scaling type (known: {', '.join(GGUF_SCALING_TYPES)})")
+    return kind
 
 
 def _infer_llama3(factors: Sequence[float], base: float, rotary_dim: int, original: int | None,
@@ -196,23 +256,29 @@ def _infer_llama3(factors: Sequence[float], base: float, rotary_dim: int, origin
 
 
 def from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Sequence[float]] | None = None) -> RopeConfig:
-    """The rope of a GGUF file from its metadata (and its ``rope_freqs`` / ``rope_factors_*`` tensors)."""
+    """The rope of a GGUF file from its metadata (and its ``rope_freqs`` / ``rope_factors_*`` tensors), read
+    as llama.cpp reads it: a ``rope_freqs`` tensor is Llama 3's bands, ``rope_factors_long`` / ``_short``
+    (or scaling type ``longrope``) LongRoPE, a linear or YaRN factor of 0 or 1 no scaling.
+
+    Every key is checked first; a bad one raises a ValueError ``"<key> = <value>: <what is allowed>"``.
+    """
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise ValueError("GGUF metadata general.architecture is missing or not a string")
     tensors = tensors or {}
     p = f"{arch}.rope"
-    heads = check_number(f"{arch}.attention.head_count", _meta(metadata, f"{arch}.attention.head_count"), low=1,
-                         integer=True, what="GGUF key")
-    hidden = check_number(f"{arch}.embedding_length", _meta(metadata, f"{arch}.embedding_length"), low=1,
-                          integer=True, what="GGUF key")
-    head_dim = int(_meta(metadata, f"{arch}.attention.key_length", hidden // heads))
-    rotary = int(_meta(metadata, f"{p}.dimension_count", head_dim))
-    theta = float(_meta(metadata, f"{p}.freq_base", 10000.0))
-    ctx = _meta(metadata, f"{arch}.context_length")
-    original = _meta(metadata, f"{p}.scaling.original_context_length")
-    kind = _meta(metadata, f"{p}.scaling.type", "none")
-    factor = _meta(metadata, f"{p}.scaling.factor")
+    heads = _gguf_number(metadata, f"{arch}.attention.head_count", low=1, integer=True, required=True)
+    hidden = _gguf_number(metadata, f"{arch}.embedding_length", low=1, integer=True, required=True)
+    head_dim = _gguf_number(metadata, f"{arch}.attention.key_length", hidden // heads, low=2, integer=True)
+    rotary = _gguf_number(metadata, f"{p}.dimension_count", head_dim, low=2, high=head_dim, integer=True)
+    if rotary % 2:
+        raise _gguf_error(f"{p}.dimension_count", rotary, "must be even (rope rotates pairs of channels)")
+    theta = _gguf_number(metadata, f"{p}.freq_base", 10000.0, low=1.0, low_open=True)
+    ctx = _gguf_number(metadata, f"{arch}.context_length", low=1, high=MAX_GGUF_CONTEXT, integer=True)
+    original = _gguf_number(metadata, f"{p}.scaling.original_context_length", low=1, high=MAX_GGUF_CONTEXT,
+                            integer=True)
+    kind = _gguf_scaling_type(metadata, f"{p}.scaling.type")
+    factor = _gguf_number(metadata, f"{p}.scaling.factor", low=0.0)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
     if "rope_freqs.weight" in tensors:
         rope = _infer_llama3(tensors["rope_freqs.weight"], theta, rotary, original, ctx)
@@ -221,27 +287,36 @@ def from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Sequence[float]
                 "long_factor": [float(v) for v in tensors.get("rope_factors_long.weight", [])],
                 "short_factor": [float(v) for v in tensors.get("rope_factors_short.weight", [])],
                 "original_max_position_embeddings": original or ctx}
-        attn = _meta(metadata, f"{p}.scaling.attn_factor")
+        attn = _gguf_number(metadata, f"{p}.scaling.attn_factor", low=0.0, low_open=True)
         if attn is not None:
-            rope["attention_factor"] = float(attn)
+            rope["attention_factor"] = attn
     elif kind in ("linear", "yarn") and factor not in (None, 0.0, 1.0):
-        rope = {"rope_type": kind, "rope_theta": theta, "factor": float(factor)}
+        factor = _gguf_number(metadata, f"{p}.scaling.factor", low=1.0)
+        rope = {"rope_type": kind, "rope_theta": theta, "factor": factor}
         if kind == "yarn":
-            rope["original_max_position_embeddings"] = int(original or ctx)
-            for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
-                if arch in GGUF_BETA_ARCHITECTURES and metadata.get(f"{p}.scaling.{key}") is not None:
-                    rope[name] = float(metadata[f"{p}.scaling.{key}"])
-            attn = _meta(metadata, f"{p}.scaling.attn_factor")
-            if attn is not None and float(attn) != 1.0:
-                rope["attention_factor"] = float(attn) * freq.yarn_mscale(float(factor))
-    elif kind not in ("none", "linear", "yarn", None):
-        raise ValueError(f"GGUF metadata {p}.scaling.type = {kind!r}: known none, linear, yarn, longrope")
+            rope.update(_gguf_yarn_extras(metadata, arch, factor, original or ctx))
     if rotary != head_dim:
         rope["partial_rotary_factor"] = rotary / head_dim
     config = {"head_dim": head_dim, "rope_parameters": rope}
     if ctx is not None:
-        config["max_position_embeddings"] = int(ctx)
+        config["max_position_embeddings"] = ctx
     return RopeConfig.from_hf(config)
+
+
+def _gguf_yarn_extras(metadata: Mapping[str, Any], arch: str, factor: float, original: int | None) -> dict[str, Any]:
+    """YaRN's trained length, betas (read from the file only for ``GGUF_BETA_ARCHITECTURES``, as llama.cpp
+    does) and attention factor (the file's ``attn_factor`` multiplies llama.cpp's ``0.1 ln f + 1``)."""
+    p = f"{arch}.rope.scaling"
+    out: dict[str, Any] = {} if original is None else {"original_max_position_embeddings": original}
+    if arch in GGUF_BETA_ARCHITECTURES:
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            beta = _gguf_number(metadata, f"{p}.{key}")
+            if beta is not None:
+                out[name] = beta
+    attn = _gguf_number(metadata, f"{p}.attn_factor", low=0.0, low_open=True)
+    if attn is not None and attn != 1.0:
+        out["attention_factor"] = attn * freq.yarn_mscale(factor)
+    return out
 
 
 # ---- llama.cpp ------------------------------------------------------------------------------------
