@@ -325,6 +325,20 @@ def test_transformers_honours_dual_chunk_attention_config():
     assert (default - explicit).abs().max() > 1e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: needs CUDA")
+def test_dca_on_cuda_equals_cpu():
+    """CUDA takes the general path, the CPU the fused prefill: 1e-4 (float32, two layers, other kernels)."""
+    from ropekit.model import patch
+
+    model = patch(tiny_model(max_position_embeddings=16), "dca:chunk=9,local=3")
+    ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        cpu = model(ids)
+        gpu = model.to("cuda")(ids.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
 # ---- convert ---------------------------------------------------------------------------------------
 
 
