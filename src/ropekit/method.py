@@ -7,8 +7,10 @@ attention part:
 - rope types (``none``/``default``, ``linear``, ``ntk``, ``dynamic``, ``yarn``, ``dynamic_yarn``,
   ``longrope``, ``llama3``, ``proportional``): e.g. ``yarn:factor=2``.
 - attention variants (``ropekit.attention.ATTENTION_VARIANTS``): ``self-extend:group=G,window=W``,
-  ``rerope:window=w[,logn=true]``, ``leaky-rerope:window=w,k=K[,logn=true]``; all accept
-  ``chunk=N`` (queries per block). ``consistent`` (cache-consistent dynamic scaling: every cached
+  ``rerope:window=w[,logn=true]``, ``leaky-rerope:window=w,k=K[,logn=true]`` (all accept
+  ``chunk=N``, queries per block), ``dca[:chunk=S,local=W]`` (Dual Chunk Attention: S the chunk size,
+  W the local window, defaults from the trained length L: S = 3L/4, W = L/8; ``block=N`` queries
+  per block). ``consistent`` (cache-consistent dynamic scaling: every cached
   key re-rotated with the current frequencies) joins a ``dynamic`` or ``dynamic_yarn`` rope part:
   ``dynamic:factor=2+consistent``; without it a dynamic type behaves as in transformers.
 

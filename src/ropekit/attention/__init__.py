@@ -1,6 +1,7 @@
 """Attention variants: training-free context extension as functions over q, k, v and positions.
 
 - ``self_extend``: Self-Extend (Jin et al. 2024); ``rerope``: ReRoPE / Leaky ReRoPE (Su 2023);
+- ``dca``: Dual Chunk Attention (An et al. 2024);
 - ``consistent_dynamic``: dynamic NTK / YaRN with every cached key at the current frequencies;
 - ``remap``: the merged near/far attention that Self-Extend and ReRoPE share;
 - ``registry``: ``ATTENTION_VARIANTS``, each with typed parameters.
@@ -11,13 +12,15 @@ adapter both call exactly these functions. Imports the rope core only.
 
 from ropekit.attention.base import AttentionVariant, causal_by_slot, current_length, sdpa
 from ropekit.attention.consistent_dynamic import ConsistentDynamic
+from ropekit.attention.dca import DualChunk, dca_attention, fast_dca_prefill
 from ropekit.attention.registry import ATTENTION_VARIANTS, AttentionVariantType, build_variant
 from ropekit.attention.remap import RemappedVariant, fast_prefill_attention, merged_attention
 from ropekit.attention.rerope import ReRope
 from ropekit.attention.self_extend import SelfExtend
 
 __all__ = [
-    "ATTENTION_VARIANTS", "AttentionVariant", "AttentionVariantType", "ConsistentDynamic", "ReRope",
-    "RemappedVariant", "SelfExtend", "build_variant", "causal_by_slot", "current_length", "fast_prefill_attention",
+    "ATTENTION_VARIANTS", "AttentionVariant", "AttentionVariantType", "ConsistentDynamic", "DualChunk", "ReRope",
+    "RemappedVariant", "SelfExtend", "build_variant", "causal_by_slot", "current_length", "dca_attention",
+    "fast_dca_prefill", "fast_prefill_attention",
     "merged_attention", "sdpa",
 ]

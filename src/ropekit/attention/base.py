@@ -43,6 +43,11 @@ class AttentionVariant:
                layout: str = "half") -> torch.Tensor:
         raise NotImplementedError
 
+    def with_model_config(self, config: Any) -> AttentionVariant:
+        """The variant with the settings a model's config declares for it (an HF config object); self
+        when the config declares none (the default)."""
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

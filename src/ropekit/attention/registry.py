@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from ropekit.attention.base import AttentionVariant
 from ropekit.attention.consistent_dynamic import ConsistentDynamic
+from ropekit.attention.dca import DualChunk, dca_sizes
 from ropekit.attention.remap import DEFAULT_CHUNK
 from ropekit.attention.rerope import ReRope
 from ropekit.attention.self_extend import SelfExtend
@@ -82,6 +83,28 @@ class ConsistentParams(VariantParams):
 
 
 @dataclass(frozen=True)
+class DcaParams(VariantParams):
+    """Chunk size S (``chunk``) and local window W (``local``), chunk length S - W; None = from the trained
+    length L (S = 3L/4, W = L/8) or the model's ``dual_chunk_attention_config``; ``block``: queries per
+    block on the general path (``chunk`` is S)."""
+
+    chunk: int | None = None
+    local: int | None = None
+    block: int = DEFAULT_CHUNK
+
+    NAME: ClassVar[str] = "dca"
+    WHAT: ClassVar[str] = "dca key"
+    KEYS: ClassVar[dict[str, Any]] = {"chunk": Number(low=2, integer=True), "local": COUNT, "block": COUNT}
+
+    @classmethod
+    def parse(cls, raw: Mapping, context: dict | None = None) -> DcaParams:
+        values = cls.check_keys(cls.NAME, raw, unknown="error")
+        if "chunk" in values and "local" in values:
+            dca_sizes(None, values["chunk"], values["local"])  # chunk > local, named in the error
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class AttentionVariantType:
     """A registry entry: the name, typed parameters, the builder, the source."""
 
@@ -104,6 +127,11 @@ ATTENTION_VARIANTS.register(AttentionVariantType(
 ATTENTION_VARIANTS.register(AttentionVariantType(
     "consistent", ConsistentParams, lambda p: ConsistentDynamic(),
     source="cache-consistent dynamic scaling (transformers issue 25104: keys re-rotated at the current length)"))
+
+ATTENTION_VARIANTS.register(AttentionVariantType(
+    "dca", DcaParams, lambda p: DualChunk(p.chunk, p.local, p.block),
+    source="Dual Chunk Attention (An et al. 2024, arXiv 2402.17463, Sec. 3; positions as in HKUNLP/ChunkLlama's "
+           "chunkllama_attn_replace.py)"), aliases=("dual-chunk",))
 
 
 def build_variant(name: str, raw: Mapping | None = None) -> AttentionVariant:

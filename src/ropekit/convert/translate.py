@@ -4,8 +4,10 @@ The rope part goes through ``ropekit.rope.formats``. Of the attention variants o
 has a runtime equivalent outside ropekit: llama.cpp's ``--grp-attn-n G --grp-attn-w W`` (in its
 ``llama-completion`` and ``llama-passkey`` programs; it shifts cached positions block by block
 instead of merging two attentions, so long-range scores are close, not equal). ReRoPE, Leaky
-ReRoPE and cache-consistent dynamic scaling exist only in ropekit (its engine and
-``ropekit.hf.patch``).
+ReRoPE, Dual Chunk Attention and cache-consistent dynamic scaling exist only in ropekit (its
+engine and ``ropekit.hf.patch``): no runtime runs DCA (vLLM removed its dual-chunk attention
+backend in v0.11, transformers ignores a config's ``dual_chunk_attention_config``, llama.cpp has
+none), so every target refuses it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from ropekit.rope.formats import Inexpressible
 
 TARGETS = ("hf", "hf-legacy", "gguf", "llama.cpp", "vllm")
 ONLY_IN_ROPEKIT = "exists only in ropekit (its engine, and transformers models through ropekit.hf.patch)"
+NO_DCA_RUNTIME = ("Dual Chunk Attention (dca) runs in no runtime: vLLM removed its DCA backend in v0.11, "
+                  "transformers ignores dual_chunk_attention_config, llama.cpp has none; it " + ONLY_IN_ROPEKIT)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ def _attention_check(spec: Method, target: str) -> tuple[str, ...]:
         return ()
     if spec.attention == "consistent":
         raise Inexpressible(f"{target}: cache-consistent dynamic scaling {ONLY_IN_ROPEKIT}")
+    if spec.attention == "dca":
+        raise Inexpressible(f"{target}: {NO_DCA_RUNTIME}")
     if spec.attention == "self-extend" and target == "llama.cpp":
         p = spec.attention_params
         return ("--grp-attn-n", str(p.group), "--grp-attn-w", str(p.window))

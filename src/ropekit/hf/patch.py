@@ -7,7 +7,8 @@ Two seams transformers itself provides, nothing copied from its modeling code:
   model's geometry (head dim, partial rotary, base, trained length) and the cos/sin tables from
   float64 angles; the model applies them with its own ``apply_rotary_pos_emb``, keeps using its
   own attention kernel (SDPA, flash, ...) and caches rotated keys as usual.
-- **Attention variants** (Self-Extend, ReRoPE, Leaky ReRoPE, cache-consistent dynamic scaling)
+- **Attention variants** (Self-Extend, ReRoPE, Leaky ReRoPE, Dual Chunk Attention, cache-consistent
+  dynamic scaling)
   make the rotary module return the identity rotation (cos 1, sin 0: the model's apply becomes an
   exact no-op, so its cache holds *unrotated* keys) and switch the model to the attention
   implementation ``"ropekit"`` registered in ``AttentionInterface`` (with a mask function in
@@ -16,6 +17,9 @@ Two seams transformers itself provides, nothing copied from its modeling code:
   its last query), rotates q and every key on use (float32, rounded once) and calls the
   variant's ``attend`` from ``ropekit.attention``, the same code ropekit's own engine runs.
   Layers without RoPE stay unrotated; sliding-window layers keep plain RoPE inside their window.
+  A variant's settings the model's config declares are honoured for the keys the method leaves out
+  (``dca`` reads ``dual_chunk_attention_config``: ``chunk_size``, ``local_size``,
+  ``original_max_position_embeddings``, as Qwen2.5-1M configs declare them).
 
 A cache filled while a model is patched with an attention variant holds unrotated keys: do not
 reuse it after ``unpatch`` (or the other way round).
@@ -140,6 +144,8 @@ def patch(model, method: str | Method):
     state = _Patch(model_type=model_type, method=method, architecture=architecture, rotary=rotary, base_rope=base,
                    rope=RotaryEmbedding(rope_config), attention_implementation=None)
     variant = method.variant()
+    if variant is not None:
+        variant = variant.with_model_config(model.config)  # e.g. DCA's dual_chunk_attention_config
     if variant is None:
         rotary.forward = types.MethodType(_rope_type_forward, rotary)
         rotary._ropekit = state
