@@ -14,9 +14,9 @@ import pytest
 import torch
 from tiny_llama import tiny_model
 
+from ropekit.dispatch import use_backend
 from ropekit.kernels import decode as D
 from ropekit.model.generate import generate_ids
-from ropekit.dispatch import use_backend
 
 LOGITS_ATOL = 1e-4
 
