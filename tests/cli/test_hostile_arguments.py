@@ -35,7 +35,7 @@ from ropekit.cli import main
 from ropekit.model.generate import LongPromptWarning, generate_ids
 from ropekit.resources import MEMORY_ENV, available_memory, check_fits, format_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = int(os.environ.get("ROPEKIT_FUZZ_EXAMPLES", "0")) or None
 TIMEOUT_S = int(os.environ.get("ROPEKIT_FUZZ_TIMEOUT", "60"))
 EXTRA_AS_MB = int(os.environ.get("ROPEKIT_FUZZ_AS_MB", "2048"))
