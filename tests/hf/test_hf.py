@@ -301,7 +301,7 @@ def test_smollm2_in_transformers_equals_the_engine(smollm2, hf_smollm2_model, sp
         patch(hf_smollm2_model, spec)
         theirs = logits(hf_smollm2_model, x)
         unpatch(hf_smollm2_model)
-        # engine vs transformers over 30 float32 layers: the rounding bound of tests/test_loading.py
+        # engine vs transformers over 30 float32 layers: the rounding bound of tests/loading/test_gguf_file.py
         cfg = model.config
         atol = float32_logits_atol(theirs, cfg.num_hidden_layers, cfg.intermediate_size)
         torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)

@@ -2,7 +2,7 @@
 round trips, refusals, the traps users fall into (each test named after one), the GGUF rewrite.
 
 References: transformers' own ``ROPE_INIT_FUNCTIONS`` for what an HF config means, llama.cpp's
-semantics as read in its source (see ropekit/rope/formats.py; tests/test_llama_cpp.py runs llama.cpp
+semantics as read in its source (see ropekit/rope/formats.py; tests/convert/test_llama_cpp.py runs llama.cpp
 itself), and the frequencies of the configuration before conversion (a round trip must give them
 back exactly).
 """

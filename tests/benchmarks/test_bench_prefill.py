@@ -10,7 +10,7 @@ import torch
 from tiny_llama import tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from bench_prefill import prefill_flops  # noqa: E402  (a script folder, not a package)
 
 

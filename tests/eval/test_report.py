@@ -11,7 +11,7 @@ from ropekit.eval import figure_data as fd
 from ropekit.eval import plots, report, tables
 
 TRAINED = 8192
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "results.json"
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "results.json"
 
 
 def difficulty(i: float) -> float:

@@ -4,11 +4,11 @@ Every case must end in one of two ways: the model loads (exit 0), or ``load_mode
 one-line ``ValueError`` / ``FileNotFoundError`` (the driver prints ``ERROR: <message>``, exit
 2). A timeout, a signal (crash, memory) or any other exception (a traceback, exit 1) fails.
 
-The driver is one long-lived process that imports torch once and forks a child per case; the
-child runs under an address-space cap (its size at fork plus ``ROPEKIT_FUZZ_AS_MB``, default
-2048 MiB) and an alarm (``ROPEKIT_FUZZ_TIMEOUT`` seconds, default 30). ``ROPEKIT_FUZZ_EXAMPLES``
-sets the number of cases per fuzz test (default 120 GGUF + 80 HF); the summary line lists the
-outcome counts and the largest RSS any child reached.
+The driver (tests/sandbox.py) is one long-lived process that imports torch once and forks a child
+per case; the child runs under an address-space cap (its size at fork plus ``ROPEKIT_FUZZ_AS_MB``,
+default 2048 MiB) and an alarm (``ROPEKIT_FUZZ_TIMEOUT`` seconds, default 30).
+``ROPEKIT_FUZZ_EXAMPLES`` sets the number of cases per fuzz test (default 120 GGUF + 80 HF); the
+summary line lists the outcome counts and the largest RSS any child reached.
 """
 
 from __future__ import annotations
@@ -18,27 +18,22 @@ import json
 import math
 import os
 import struct
-import subprocess
-import sys
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gguf
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
+from sandbox import EXTRA_AS_MB, Sandbox, hypothesis_settings, show_summary
 from tiny_llama import tiny_model, write_gguf, write_hf_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 V = gguf.GGUFValueType
 SCALAR_FORMATS = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
                   V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
-EXAMPLES = int(os.environ.get("ROPEKIT_FUZZ_EXAMPLES", "0")) or None
 TIMEOUT_S = int(os.environ.get("ROPEKIT_FUZZ_TIMEOUT", "30"))
-EXTRA_AS_MB = int(os.environ.get("ROPEKIT_FUZZ_AS_MB", "2048"))
 
 # ---------------------------------------------------------------- GGUF files as editable parts
 
@@ -228,10 +223,10 @@ HOSTILE_TEMPLATES = [
     "{{ messages.__class__.__mro__[1].__subclasses__() }}x{{ undefined_function() }}",
 ]
 
-# ---------------------------------------------------------------- the sandboxed driver
+# ---------------------------------------------------------------- the sandboxed driver (tests/sandbox.py)
 
-DRIVER = r'''
-import json, os, resource, signal, sys, time, traceback
+CASES = r'''
+import os, signal, traceback
 
 import torch
 
@@ -240,12 +235,14 @@ from ropekit.loading import load_model, load_tokenizer
 from ropekit.kernels.decode import extension
 from ropekit.loading.tokenizer import render_chat_template
 
-extension()  # build or load the fused kernels once, before forking
-with torch.device("meta"):  # and import what building a model on the meta device imports
-    torch.nn.Embedding(2, 2)
-import jinja2.sandbox  # noqa: E402,F401
-
 MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def prepare(args):
+    extension()  # build or load the fused kernels once, before forking
+    with torch.device("meta"):  # and import what building a model on the meta device imports
+        torch.nn.Embedding(2, 2)
+    import jinja2.sandbox  # noqa: F401
 
 
 def load(path):
@@ -264,29 +261,14 @@ def work(request):
         load(request["path"])
 
 
-def vm_size():
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmSize:"))
-    return int(line.split()[1]) * 1024
-
-
-def child(request, fd, timeout, extra):
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    cap = vm_size() + extra
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    signal.alarm(timeout)
+def run(request, fd):
     try:
         work(request)
-        out, code = "OK", 0
+        return 0, "OK"
     except (ValueError, FileNotFoundError) as err:
-        out, code = "ERROR: " + str(err), 2
+        return 2, "ERROR: " + str(err)
     except BaseException:
-        out, code = traceback.format_exc(), 1
-    data = out.encode("utf-8", "replace")
-    while data:
-        data = data[os.write(fd, data):]
-    os._exit(code)
+        return 1, traceback.format_exc()
 
 
 def outcome(status, message):
@@ -298,78 +280,27 @@ def outcome(status, message):
     if code == 2 and "\n" not in message and len(message) <= 1200:
         return "error"
     return "traceback" if code in (1, 2) else "crash"
-
-
-def serve(timeout, extra):
-    for line in sys.stdin:
-        request = json.loads(line)
-        read, write = os.pipe()
-        start = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read)
-            child(request, write, timeout, extra)
-        os.close(write)
-        chunks = []
-        while chunk := os.read(read, 1 << 16):
-            chunks.append(chunk)
-        os.close(read)
-        _, status, usage = os.wait4(pid, 0)
-        message = b"".join(chunks).decode("utf-8", "replace")
-        reply = {"outcome": outcome(status, message), "message": message[-3000:], "status": status,
-                 "maxrss_kb": usage.ru_maxrss, "seconds": round(time.monotonic() - start, 3),
-                 "driver_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
-
-
-serve(int(sys.argv[1]), int(sys.argv[2]) << 20)
 '''
 
 
-class Driver:
+class Driver(Sandbox):
     """A long-lived process that loads each requested model in a forked, capped child."""
 
     def __init__(self, workdir: Path, timeout_s: int = TIMEOUT_S, extra_as_mb: int = EXTRA_AS_MB):
-        self.stderr_path = workdir / "driver-stderr.txt"
-        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(ROOT / "src")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-        with open(self.stderr_path, "w") as stderr:
-            self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(timeout_s), str(extra_as_mb)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                                         text=True, env=env, cwd=workdir)
-        self.counts: Counter[str] = Counter()
-        self.by_kind: dict[str, Counter[str]] = {}
-        self.max_rss_kb = self.driver_rss_kb = 0
-
-    def request(self, kind: str = "other", **request: Any) -> dict[str, Any]:
-        """``{"outcome": ok|error|hang|crash|traceback, "message", "maxrss_kb", "seconds"}`` for one case."""
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the fuzz driver died: {self.stderr_path.read_text()[-3000:]}")
-        reply = json.loads(line)
-        self.counts[reply["outcome"]] += 1
-        self.by_kind.setdefault(kind, Counter())[reply["outcome"]] += 1
-        self.max_rss_kb = max(self.max_rss_kb, reply["maxrss_kb"])
-        self.driver_rss_kb = reply["driver_rss_kb"]
-        return reply
+        super().__init__(CASES, timeout_s=timeout_s, extra_as_mb=extra_as_mb, cwd=workdir,
+                         stderr_path=workdir / "driver-stderr.txt")
 
     def load(self, path: Path, kind: str = "other") -> dict[str, Any]:
-        return self.request(kind, path=str(path))
+        """``{"outcome": ok|error|hang|crash|traceback, "message", "maxrss_kb", "seconds"}`` for one case."""
+        return self.request({"path": str(path)}, kind)
 
     def render(self, template: str) -> dict[str, Any]:
-        return self.request("template", template=template)
+        return self.request({"template": template}, "template")
 
     def summary(self) -> str:
         counts = ", ".join(f"{name} {self.counts[name]}" for name in ("ok", "error", "hang", "crash", "traceback"))
         return (f"{sum(self.counts.values())} cases: {counts}; largest child RSS {self.max_rss_kb / 1024:.0f} MiB "
                 f"(the driver, which each child starts as a fork of: {self.driver_rss_kb / 1024:.0f} MiB)")
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 def assert_clean(reply: dict[str, Any], what: str) -> None:
@@ -389,13 +320,7 @@ def driver(tmp_path_factory, request):
     summary = f"hostile files: {instance.summary()}"
     lines = [summary, *(f"  {kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                         for kind, counts in sorted(instance.by_kind.items()))]
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():  # shown even when the tests' output is captured
-            reporter.write_line("")
-            for line in lines:
-                reporter.write_line(line)
+    show_summary(request, lines)
     instance.close()
 
 
@@ -425,9 +350,8 @@ def hf_files(fuzz_dir) -> Files:
 
 def fuzz_settings(default: int):
     """``default`` examples (deterministic), or ``ROPEKIT_FUZZ_EXAMPLES`` (random) when set."""
-    return settings(max_examples=EXAMPLES or default, deadline=None, derandomize=EXAMPLES is None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture])
+    return hypothesis_settings(default, [HealthCheck.too_slow, HealthCheck.data_too_large,
+                                         HealthCheck.function_scoped_fixture])
 
 
 def test_valid_tiny_files_load_in_the_sandbox(driver, fuzz_dir, gguf_base, hf_files):

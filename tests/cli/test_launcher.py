@@ -17,7 +17,7 @@ import pytest
 
 from _ropekit_launcher import OPENMP_ENV, _runs_python_m_ropekit, openmp_defaults
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 CONSOLE_SCRIPT = "import sys, _ropekit_launcher; sys.exit(_ropekit_launcher.main(['--help']))"
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads GNU libgomp's report (torch's Linux wheels)")

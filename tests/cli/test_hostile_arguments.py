@@ -27,18 +27,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
+from sandbox import EXTRA_AS_MB, Sandbox, hypothesis_settings, show_summary
 from tiny_llama import tiny_model, write_gguf
 
 from ropekit.cli import main
 from ropekit.memory import MEMORY_ENV, available_memory, check_fits, format_bytes
 from ropekit.model.generate import LongPromptWarning, generate_ids
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = int(os.environ.get("ROPEKIT_FUZZ_EXAMPLES", "0")) or None
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = int(os.environ.get("ROPEKIT_FUZZ_TIMEOUT", "60"))
-EXTRA_AS_MB = int(os.environ.get("ROPEKIT_FUZZ_AS_MB", "2048"))
 LIMIT = 512 * 2**20  # ROPEKIT_MEMORY_BYTES in these tests
 
 
@@ -215,27 +214,20 @@ def test_os_errors_are_one_line(capsys, tmp_path, tiny_gguf):
 
 # ---- fuzzing the argument vectors -----------------------------------------------------------------------
 
-DRIVER = r'''
-import json, os, resource, signal, sys, traceback
+CASES = r'''
+import contextlib, io, os, signal, sys, traceback
 import torch
 torch.set_num_threads(1)
 from ropekit.cli import main
 from ropekit.kernels.decode import extension
-extension()  # build or load the fused kernels once, before forking
-import contextlib, io
-with contextlib.redirect_stdout(io.StringIO()):  # stdout carries the replies
-    main(["generate", "warm", "--model", sys.argv[3], "--max-new-tokens", "2"])  # import what a run imports
 
-def vm_size():
-    with open("/proc/self/status") as f:
-        return int(next(l for l in f if l.startswith("VmSize:")).split()[1]) * 1024
+def prepare(args):
+    extension()  # build or load the fused kernels once, before forking
+    with contextlib.redirect_stdout(io.StringIO()):  # stdout carries the replies
+        main(["generate", "warm", "--model", args[0], "--max-new-tokens", "2"])  # import what a run imports
 
-def child(argv, fd, timeout, extra):
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    os.dup2(fd, 2)
-    cap = vm_size() + extra
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    signal.alarm(timeout)
+def run(argv, fd):
+    os.dup2(fd, 2)  # the reply's message is the child's stderr
     try:
         code = main(argv)
     except SystemExit as e:  # argparse's usage errors
@@ -243,59 +235,26 @@ def child(argv, fd, timeout, extra):
     except BaseException:
         traceback.print_exc()
         code = 1
-    sys.stderr.flush()
-    os._exit(code)
+    return code, ""
 
-def serve(timeout, extra):
-    for line in sys.stdin:
-        argv = json.loads(line)
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read)
-            child(argv, write, timeout, extra)
-        os.close(write)
-        chunks = []
-        while chunk := os.read(read, 1 << 16):
-            chunks.append(chunk)
-        os.close(read)
-        _, status, usage = os.wait4(pid, 0)
-        if os.WIFSIGNALED(status):
-            outcome = "hang" if os.WTERMSIG(status) == signal.SIGALRM else "crash"
-        else:
-            outcome = {0: "ok", 2: "error"}.get(os.WEXITSTATUS(status), "traceback")
-        reply = {"outcome": outcome, "stderr": b"".join(chunks).decode("utf-8", "replace")[-3000:],
-                 "maxrss_kb": usage.ru_maxrss}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
-
-serve(int(sys.argv[1]), int(sys.argv[2]) << 20)
+def outcome(status, message):
+    if os.WIFSIGNALED(status):
+        return "hang" if os.WTERMSIG(status) == signal.SIGALRM else "crash"
+    return {0: "ok", 2: "error"}.get(os.WEXITSTATUS(status), "traceback")
 '''
 
 
-class Driver:
+class Driver(Sandbox):
     """One process that imported ropekit once; each request forks a child running ``main(argv)``."""
 
     def __init__(self, model: Path, env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(TIMEOUT_S), str(EXTRA_AS_MB), str(model)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-        self.outcomes: Counter = Counter()
-        self.max_rss_kb = 0
+        super().__init__(CASES, str(model), timeout_s=TIMEOUT_S, extra_as_mb=EXTRA_AS_MB, cwd=ROOT, env=env)
 
     def run(self, argv: list[str]) -> dict:
-        self.proc.stdin.write(json.dumps(argv) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            pytest.fail(f"the fuzz driver died (exit {self.proc.poll()}) on {argv}")
-        reply = json.loads(line)
-        self.outcomes[reply["outcome"]] += 1
-        self.max_rss_kb = max(self.max_rss_kb, reply["maxrss_kb"])
-        return reply
+        return self.request(argv)
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        super().close(timeout_s=60)
 
 
 @pytest.fixture(scope="module")
@@ -305,23 +264,16 @@ def driver(tiny_gguf, tmp_path_factory, request):
     d = Driver(tiny_gguf, env)
     yield d
     d.close()
-    summary = (f"argument fuzz: {sum(d.outcomes.values())} cases: {dict(sorted(d.outcomes.items()))}; largest child "
+    summary = (f"argument fuzz: {sum(d.counts.values())} cases: {dict(sorted(d.counts.items()))}; largest child "
                f"RSS {d.max_rss_kb / 1024:.0f} MiB")
-    terminal = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if terminal is not None and capture is not None:
-        with capture.global_and_fixture_disabled():  # shown even when the tests' output is captured
-            terminal.write_line("")
-            terminal.write_line(summary)
-    else:
-        print("\n" + summary, file=sys.stderr)
+    show_summary(request, [summary])
 
 
 def assert_clean(reply: dict, argv: list[str]) -> None:
-    assert reply["outcome"] in ("ok", "error"), f"{argv}: {reply['outcome']}\n{reply['stderr']}"
+    assert reply["outcome"] in ("ok", "error"), f"{argv}: {reply['outcome']}\n{reply['message']}"
     if reply["outcome"] == "error":
-        errors = [line for line in reply["stderr"].splitlines() if ": error:" in line]
-        assert len(errors) == 1 and "Traceback" not in reply["stderr"], f"{argv}:\n{reply['stderr']}"
+        errors = [line for line in reply["message"].splitlines() if ": error:" in line]
+        assert len(errors) == 1 and "Traceback" not in reply["message"], f"{argv}:\n{reply['message']}"
         assert len(errors[0]) < 1000, errors[0]
 
 
@@ -372,8 +324,7 @@ TUNE_FLAGS = {"--target-length": ["160", "256", "129", "128", "64", "0", "-1", "
 
 
 def fuzz_settings(default: int):
-    return settings(max_examples=EXAMPLES or default, deadline=None, derandomize=EXAMPLES is None,
-                    suppress_health_check=list(HealthCheck), database=None)
+    return hypothesis_settings(default, list(HealthCheck))
 
 
 @fuzz_settings(150)
