@@ -68,8 +68,9 @@ def gguf_name(name: str) -> str:
 
 
 def write_gguf(path: Path, model: LlamaModel, *, qtype: str = "F32", architecture: str = "llama",
-               rope_scaling: dict | None = None) -> Path:
-    """Write ``model`` as llama.cpp would: llama.* metadata, gpt2 tokenizer, permuted q/k, qtype matrices."""
+               rope_scaling: dict | None = None, merges: list[str] | None = None) -> Path:
+    """Write ``model`` as llama.cpp would: llama.* metadata, gpt2 tokenizer, permuted q/k, qtype matrices.
+    ``merges``: BPE merges to store (llama.cpp refuses a gpt2 vocabulary without any)."""
     import gguf
     from gguf.quants import quantize
 
@@ -90,7 +91,7 @@ def write_gguf(path: Path, model: LlamaModel, *, qtype: str = "F32", architectur
     writer.add_tokenizer_pre("default")
     writer.add_token_list(TOKENS)
     writer.add_token_types([3] * len(SPECIALS) + [1] * len(BYTE_ALPHABET))
-    writer.add_token_merges([])
+    writer.add_token_merges(merges or [])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"

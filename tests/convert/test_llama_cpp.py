@@ -1,16 +1,20 @@
 """ropekit convert against llama.cpp itself (through llama-cpp-python): the settings ropekit prints, run by
-llama.cpp on the embedded SmolLM2 GGUF, give the perplexity ropekit's engine gives for the same spec.
+llama.cpp, give the logits ropekit's engine gives for the same method.
 
-One 4,096-token window of Pride and Prejudice, for ``none``, ``linear:factor=2`` and ``yarn:factor=2``
-(with and without explicit betas), each stated with an original context of 2,048 tokens: once with the
-flags ``convert --to llama.cpp`` prints (as llama-cpp-python's constructor arguments), once with the GGUF
-``convert --to gguf --out`` writes and no flags. A translation acts on the frequencies, the attention
-factor and the original length; with the original length at 2,048 the second half of the window lies
-beyond it, so a short window tests every one of them as a 12,000-token window past SmolLM2's own
-8,192 does, at a ninth of the attention cost. Both runtimes compute from the same Q4_1 weights
-(ropekit dequantises them exactly; llama.cpp multiplies them with 8-bit activations and keeps an f16
-KV cache), so the perplexity beyond 2,048 must agree within 2%, while the classic wrong translation
-(the factor passed where llama.cpp wants 1/factor) is far off. Slow: ~10-30 s per llama.cpp evaluation.
+The translations are checked on a tiny random model written as an F32 GGUF (2 layers, head dim 32,
+trained length 128) over a 512-token window, four times its trained length: both runtimes then
+compute in float32 from the same weights (llama.cpp with float32 K/V caches), so every logit must
+agree to 1e-3 of the largest one, while a wrong translation (the factor passed where llama.cpp wants
+1/factor, or no scaling at all) moves logits by about their own size. Each method is run twice:
+with the flags ``convert --to llama.cpp`` prints (as llama-cpp-python's constructor arguments) and
+with the GGUF ``convert --to gguf --out`` writes and no flags. A window past the trained length
+makes every part of a translation count (frequencies, the attention factor, the original length),
+and comparing logits instead of a perplexity makes the check exact where a perplexity would need
+tokens 8,192 and beyond of a real model to tell a translation from none.
+
+The real model is checked too: SmolLM2's tokenizer and llama.cpp's agree on the evaluation text,
+and llama.cpp's perplexity of the quantised SmolLM2 (Q4_1 weights; llama.cpp multiplies them with
+8-bit activations and keeps an f16 KV cache) agrees with ropekit's within 2%.
 """
 
 from __future__ import annotations
@@ -18,23 +22,30 @@ from __future__ import annotations
 import ctypes
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_llama import tiny_model, write_gguf
 
 from ropekit.cli import main
 from ropekit.eval.perplexity import evaluate_perplexity
 from ropekit.eval.runners import EngineRunner
+from ropekit.model import patch
 from ropekit.rope import RopeConfig
 from ropekit.rope.formats import to_llama_cpp_python
 
-N_TOKENS, ORIGINAL = 4096, 2048  # window; the original context every spec below states
-_ORIG = f"original_max_position_embeddings={ORIGINAL}"
-SPECS = ["none", f"linear:factor=2,{_ORIG}", f"yarn:factor=2,{_ORIG}",
-         f"yarn:factor=2,beta_fast=32,beta_slow=1,{_ORIG}"]
+TRAINED, WINDOW = 128, 512  # the tiny model's trained length; the window, 4x past it
+SPECS = ["none", "linear:factor=4", "yarn:factor=4", "yarn:factor=4,beta_fast=16,beta_slow=2",
+         "ntk:factor=4"]
 FROM_FILE = dict(rope_scaling_type=-1, rope_freq_base=0.0, rope_freq_scale=0.0, yarn_ext_factor=-1.0,
                  yarn_attn_factor=-1.0, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0, yarn_orig_ctx=0)
+GGML_TYPE_F32 = 0
+# llama.cpp forms rope angles in float32 (position * theta: ~6e-5 rad off at position 512) and sums in
+# another order; 1e-3 of the largest logit leaves 10x room above that and is 1000x below a mistranslation.
+RELATIVE_ATOL = 1e-3
+SMOLLM2_TOKENS = 2048
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +59,9 @@ def llama_cpp():
     return llama_cpp
 
 
+_LOG_CALLBACKS: list = []
+
+
 class LogLines:
     """llama.cpp's log (its model and context settings) through llama_log_set."""
 
@@ -58,12 +72,106 @@ class LogLines:
         def callback(level, text, user_data):
             self.lines.append(text.decode("utf-8", "replace"))
 
-        self._callback = callback  # a ctypes callback must outlive its use in C
+        # llama.cpp keeps calling the last callback it was given, after this object is gone: keep every one
+        # alive for the whole session (a freed ctypes callback is a crash at the next log line)
+        _LOG_CALLBACKS.append(callback)
         llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
     def value(self, name: str) -> str | None:
         found = re.findall(rf"^print_info:\s+{re.escape(name)}\s*=\s*(.+?)\s*$", "".join(self.lines), re.M)
         return found[-1] if found else None
+
+
+# ---- the translations, on a tiny F32 model: logits element by element ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model, its F32 GGUF, a 512-token window of ids [1, 512])."""
+    model = tiny_model(hidden_size=128, head_dim=32, max_position_embeddings=TRAINED)
+    path = write_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", model, merges=["a b"])
+    ids = torch.randint(3, model.config.vocab_size, (1, WINDOW), generator=torch.Generator().manual_seed(0))
+    return model, path, ids
+
+
+def llama_cpp_logits(llama_cpp, path: Path, ids: torch.Tensor, **kwargs) -> np.ndarray:
+    """llama.cpp's logits ``[T, V]`` for one window of ids (one batch, float32 K/V caches)."""
+    T = ids.shape[1]
+    llm = llama_cpp.Llama(str(path), n_ctx=T, n_batch=T, n_ubatch=T, n_threads=2, n_threads_batch=2,
+                          logits_all=True, verbose=False, flash_attn=False, type_k=GGML_TYPE_F32,
+                          type_v=GGML_TYPE_F32, **{**FROM_FILE, **kwargs})
+    try:
+        llm._batch.set_batch(batch=ids[0].tolist(), n_past=0, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(T, llm.n_vocab())).copy()
+    finally:
+        llm.close()
+
+
+def engine_logits(model, spec: str, ids: torch.Tensor) -> np.ndarray:
+    base = model.config.rope
+    try:
+        patch(model, spec, base)
+        with torch.no_grad():
+            return model(ids)[0].numpy()
+    finally:
+        patch(model, "none", base)
+
+
+def assert_logits_agree(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
+    diff = np.abs(ours - theirs)
+    atol = RELATIVE_ATOL * float(np.abs(ours).max())
+    print(f"{what}: max |diff| {diff.max():.2e}, mean {diff.mean():.2e}, atol {atol:.2e}")
+    assert diff.max() <= atol, f"{what}: max |diff| {diff.max():.3g} > {atol:.3g} (mean {diff.mean():.3g})"
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_printed_flags_run_in_llama_cpp_give_ropekit_logits(llama_cpp, tiny, spec, capsys):
+    model, path, ids = tiny
+    assert main(["convert", "--model", str(path), "--method", spec, "--to", "llama.cpp"]) == 0
+    printed = capsys.readouterr().out.strip()
+    base = model.config.rope
+    rope = RopeConfig.from_llama_cpp(printed, base)  # the printed line reads back as the method
+    expected = base.with_rope_type(spec)
+    assert torch.equal(rope.frequencies()[0], expected.frequencies()[0])
+    kwargs = {k: v for k, v in to_llama_cpp_python(expected).items() if k != "n_ctx"}
+    assert_logits_agree(engine_logits(model, spec, ids), llama_cpp_logits(llama_cpp, path, ids, **kwargs),
+                        f"flags {spec}")
+
+
+@pytest.mark.parametrize("spec", ["linear:factor=4", "yarn:factor=4", "ntk:factor=4"])
+def test_rewritten_gguf_runs_in_llama_cpp_with_no_flags(llama_cpp, tiny, spec, tmp_path):
+    model, path, ids = tiny
+    out = tmp_path / "new.gguf"
+    assert main(["convert", "--model", str(path), "--method", spec, "--to", "gguf", "--out", str(out)]) == 0
+    log = LogLines(llama_cpp)
+    theirs = llama_cpp_logits(llama_cpp, out, ids)  # every rope setting from the file
+    assert_logits_agree(engine_logits(model, spec, ids), theirs, f"rewritten gguf {spec}")
+    # what llama.cpp itself reports reading from the file
+    if not spec.startswith("ntk"):
+        assert log.value("n_ctx_train") == str(4 * TRAINED)
+        assert log.value("freq_scale_train") == "0.25"
+        assert log.value("rope scaling") == spec.split(":")[0]
+    if spec.startswith("yarn"):
+        assert log.value("n_ctx_orig_yarn") == str(TRAINED)
+
+
+@pytest.mark.parametrize(("wrong", "change"), [
+    ("the factor where llama.cpp wants 1/factor", {"rope_freq_scale": 4.0}),
+    ("no scaling at all", {"rope_scaling_type": 0, "rope_freq_scale": 1.0}),
+])
+def test_a_wrong_translation_is_far_off(llama_cpp, tiny, wrong, change):
+    model, path, ids = tiny
+    kwargs = {k: v for k, v in to_llama_cpp_python(model.config.rope.with_rope_type("yarn:factor=4")).items()
+              if k != "n_ctx"}
+    ours = engine_logits(model, "yarn:factor=4", ids)
+    theirs = llama_cpp_logits(llama_cpp, path, ids, **{**kwargs, **change})
+    diff = float(np.abs(ours - theirs).max())
+    print(f"wrong translation ({wrong}): max |diff| {diff:.3g} against yarn:factor=4")
+    assert diff > 100 * RELATIVE_ATOL * float(np.abs(ours).max()), f"{wrong}: max |diff| only {diff:.3g}"
+
+
+# ---- the real model: tokenizer and the quantised path ---------------------------------------------
 
 
 def _nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -72,10 +180,24 @@ def _nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return top[:, 0] + np.log(np.exp(x - top).sum(axis=1)) - x[np.arange(len(x)), targets]
 
 
-def llama_cpp_beyond(llama_cpp, path, tokens: list[int], **kwargs) -> float:
-    """Perplexity of tokens at positions >= ORIGINAL of one window, computed by llama.cpp (streamed per batch)."""
-    llm = llama_cpp.Llama(str(path), n_ctx=len(tokens), n_batch=512, n_ubatch=512, n_threads=2, n_threads_batch=2,
-                          logits_all=True, verbose=False, flash_attn=False, **{**FROM_FILE, **kwargs})
+@pytest.fixture(scope="module")
+def tokens(llama_cpp, smollm2, smollm2_path):
+    from conftest import eval_text
+
+    _, tokenizer = smollm2
+    text = eval_text()[:100_000]
+    ours = tokenizer.encode(text)[:SMOLLM2_TOKENS]
+    llm = llama_cpp.Llama(str(smollm2_path), n_ctx=256, vocab_only=True, verbose=False)
+    theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)[:SMOLLM2_TOKENS]
+    llm.close()
+    assert ours == theirs, "ropekit's tokenizer and llama.cpp's disagree on the evaluation text"
+    return ours
+
+
+def test_smollm2_perplexity_in_llama_cpp_equals_ropekit(llama_cpp, smollm2, smollm2_path, tokens):
+    """The quantised real model: llama.cpp's perplexity over 2,048 tokens within 2% of ropekit's."""
+    llm = llama_cpp.Llama(str(smollm2_path), n_ctx=len(tokens), n_batch=512, n_ubatch=512, n_threads=2,
+                          n_threads_batch=2, logits_all=True, verbose=False, flash_attn=False, **FROM_FILE)
     try:
         n, vocab, ids = len(tokens), llm.n_vocab(), np.asarray(tokens)
         nll = np.empty(n - 1)
@@ -89,79 +211,10 @@ def llama_cpp_beyond(llama_cpp, path, tokens: list[int], **kwargs) -> float:
                 nll[lo - 1:hi] = _nll_rows(logits[: hi - lo + 1], ids[lo:hi + 1])
     finally:
         llm.close()
-    return math.exp(nll[np.arange(1, n) >= ORIGINAL].mean())
-
-
-@pytest.fixture(scope="module")
-def tokens(llama_cpp, smollm2, smollm2_path):
-    from conftest import eval_text
-
-    _, tokenizer = smollm2
-    text = eval_text()[:100_000]
-    ours = tokenizer.encode(text)[:N_TOKENS]
-    llm = llama_cpp.Llama(str(smollm2_path), n_ctx=256, vocab_only=True, verbose=False)
-    theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)[:N_TOKENS]
-    llm.close()
-    assert ours == theirs, "ropekit's tokenizer and llama.cpp's disagree on the evaluation text"
-    return ours
-
-
-_ENGINE: dict[str, float] = {}
-
-
-def engine_beyond(smollm2, tokens: list[int], spec: str) -> float:
-    if spec not in _ENGINE:
-        model, tokenizer = smollm2
-        runner = EngineRunner(model, tokenizer)
-        try:
-            runner.use(spec)
-            _ENGINE[spec] = evaluate_perplexity(runner, torch.tensor(tokens), N_TOKENS, trained=ORIGINAL)["ppl_beyond"]
-        finally:
-            runner.use("none")
-    return _ENGINE[spec]
-
-
-def base_rope(smollm2) -> RopeConfig:
-    return smollm2[0].config.rope
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_printed_flags_run_in_llama_cpp_give_ropekit_perplexity(llama_cpp, smollm2, smollm2_path, tokens, spec,
-                                                                capsys):
-    assert main(["convert", "--model", str(smollm2_path), "--method", spec, "--to", "llama.cpp"]) == 0
-    printed = capsys.readouterr().out.strip()
-    rope = RopeConfig.from_llama_cpp(printed, base_rope(smollm2))  # the printed line reads back as the spec
-    expected = base_rope(smollm2).with_rope_type(spec)
-    assert torch.equal(rope.frequencies()[0], expected.frequencies()[0])
-    kwargs = {k: v for k, v in to_llama_cpp_python(expected).items() if k != "n_ctx"}
-    ours, theirs = engine_beyond(smollm2, tokens, spec), llama_cpp_beyond(llama_cpp, smollm2_path, tokens, **kwargs)
-    print(f"flags {spec}: llama.cpp ppl beyond {ORIGINAL} {theirs:.3f}, ropekit {ours:.3f}, ratio {theirs / ours:.4f}")
-    assert theirs == pytest.approx(ours, rel=0.02), f"{spec}: llama.cpp {theirs:.3f}, ropekit {ours:.3f}"
-
-
-@pytest.mark.parametrize("spec", [f"linear:factor=2,{_ORIG}", f"yarn:factor=2,{_ORIG}"])
-def test_rewritten_gguf_runs_in_llama_cpp_with_no_flags(llama_cpp, smollm2, smollm2_path, tokens, spec, tmp_path):
-    out = tmp_path / "new.gguf"
-    assert main(["convert", "--model", str(smollm2_path), "--method", spec, "--to", "gguf", "--out", str(out)]) == 0
-    log = LogLines(llama_cpp)
-    theirs = llama_cpp_beyond(llama_cpp, out, tokens)  # every rope setting from the file
-    ours = engine_beyond(smollm2, tokens, spec)
-    print(f"rewritten gguf {spec}: llama.cpp ppl beyond {ORIGINAL} {theirs:.3f}, ropekit {ours:.3f}, "
+    theirs = math.exp(nll.mean())
+    model, tokenizer = smollm2
+    ours = evaluate_perplexity(EngineRunner(model, tokenizer), torch.tensor(tokens), len(tokens),
+                               trained=model.config.max_position_embeddings)["ppl"]
+    print(f"SmolLM2 Q4_1, {len(tokens)} tokens: llama.cpp ppl {theirs:.3f}, ropekit {ours:.3f}, "
           f"ratio {theirs / ours:.4f}")
-    assert theirs == pytest.approx(ours, rel=0.02), f"{spec}: llama.cpp {theirs:.3f}, ropekit {ours:.3f}"
-    # what llama.cpp itself reports reading from the file
-    assert log.value("n_ctx_train") == str(2 * ORIGINAL)
-    assert log.value("freq_scale_train") == "0.5"
-    assert log.value("freq_base_train") == "100000.0"
-    assert log.value("rope scaling") == spec.split(":")[0]
-    if spec.startswith("yarn"):
-        assert log.value("n_ctx_orig_yarn") == str(ORIGINAL)
-
-
-def test_a_wrong_translation_is_far_off(llama_cpp, smollm2, smollm2_path, tokens):
-    """The factor where llama.cpp wants 1/factor (freq_scale 2 instead of 0.5): far from ropekit's YaRN."""
-    kwargs = to_llama_cpp_python(base_rope(smollm2).with_rope_type(SPECS[2]))
-    kwargs = {**{k: v for k, v in kwargs.items() if k != "n_ctx"}, "rope_freq_scale": 2.0}
-    wrong, ours = llama_cpp_beyond(llama_cpp, smollm2_path, tokens, **kwargs), engine_beyond(smollm2, tokens, SPECS[2])
-    print(f"wrong translation (freq_scale 2): llama.cpp {wrong:.2f}, ropekit {SPECS[2]} {ours:.3f}")
-    assert wrong > 2 * ours, f"wrong translation {wrong:.2f} vs ropekit {ours:.2f}"
+    assert theirs == pytest.approx(ours, rel=0.02), f"llama.cpp {theirs:.3f}, ropekit {ours:.3f}"
