@@ -37,7 +37,13 @@ from dataclasses import dataclass
 import torch
 
 from ropekit.attention.base import AttentionVariant, current_length
-from ropekit.attention.remap import _FLASH_DTYPES, DEFAULT_CHUNK, _is_plain_prefill, flash_with_lse
+from ropekit.attention.remap import (
+    _FLASH_DTYPES,
+    DEFAULT_CHUNK,
+    _is_plain_prefill,
+    flash_with_lse,
+    merged_softmax_values,
+)
 from ropekit.rope import RotaryEmbedding, apply_rotary, rope_cos_sin
 
 INTRA, SUCCESSIVE, INTER = 0, 1, 2
@@ -174,12 +180,7 @@ def dca_attention(q_intra: torch.Tensor, q_succ: torch.Tensor, q_inter: torch.Te
             keys = k[:, :, lo:kend]
             scores[..., lo:] = torch.where(band == INTRA, _scores(blocks[INTRA], keys, g), torch.where(
                 band == SUCCESSIVE, _scores(blocks[SUCCESSIVE], keys, g), scores[..., lo:]))
-        scores = scores.float().mul_(scale)
-        if softcap:
-            scores = torch.tanh(scores / softcap).mul_(softcap)
-        scores = scores.masked_fill_(~allowed[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # all-masked rows -> zeros
-        ctx = probs.to(v.dtype).view(B, Hkv, g * C, kend) @ v[:, :, :kend]  # [B, Hkv, g*C, Dv]
+        ctx = merged_softmax_values(scores, allowed, v[:, :, :kend], scale, softcap)  # [B, Hkv, g*C, Dv]
         out[:, :, a:b] = ctx.view(B, H, C, -1)
     return out
 

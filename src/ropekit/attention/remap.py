@@ -45,6 +45,23 @@ def _is_plain_prefill(q_pos: torch.Tensor, k_pos: torch.Tensor, mask: torch.Tens
     return bool((steps == 1).all())
 
 
+def merged_softmax_values(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, scale: float,
+                          softcap: float | None) -> torch.Tensor:
+    """One softmax over a block's merged scores, then the values: the last step of every general path.
+
+    scores ``[B, Hkv, g, C, S]`` (each pair's score from its own rotation, in q's dtype), allowed
+    ``[B, C, S]`` bool, v ``[B, Hkv, S, Dv]`` -> ``[B, Hkv, g*C, Dv]`` in v's dtype. Scaled and soft-capped
+    in float32; a row with no allowed key gives zeros.
+    """
+    B, Hkv, g, C, S = scores.shape
+    scores = scores.float().mul_(scale)
+    if softcap:
+        scores = torch.tanh(scores / softcap).mul_(softcap)
+    scores = scores.masked_fill_(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # all-masked rows -> zeros
+    return probs.to(v.dtype).view(B, Hkv, g * C, S) @ v
+
+
 def _window_attention(op, q, k, v, window: int, chunk_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention restricted to ``0 <= i - j < window`` (slots), with its log-sum-exp.
 
@@ -130,12 +147,7 @@ def merged_attention(q_near: torch.Tensor, k_near: torch.Tensor, q_far: torch.Te
         if lo < kend:
             band = (qn @ k_near[:, :, lo:kend].transpose(-1, -2)).view(B, Hkv, g, C, kend - lo)
             scores[..., lo:] = torch.where(near[:, None, None, :, lo:], band, scores[..., lo:])
-        scores = scores.float().mul_(scale)
-        if softcap:
-            scores = torch.tanh(scores / softcap).mul_(softcap)
-        scores = scores.masked_fill_(~allowed[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # all-masked rows -> zeros
-        ctx = probs.to(v.dtype).view(B, Hkv, g * C, kend) @ v[:, :, :kend]  # [B, Hkv, g*C, Dv]
+        ctx = merged_softmax_values(scores, allowed, v[:, :, :kend], scale, softcap)  # [B, Hkv, g*C, Dv]
         out[:, :, a:b] = ctx.view(B, H, C, -1)
     return out
 

@@ -21,17 +21,13 @@ op records only when it is handed a ``Recording``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 
 from ropekit.dispatch import Recording
 from ropekit.kernels.decode import fused_decode_available
 from ropekit.model.attention import RopeAttention
 from ropekit.model.kv_cache import KVCache
-
-if TYPE_CHECKING:
-    from ropekit.model.llama import LlamaModel
 
 
 class DecodeGraph:
@@ -40,7 +36,8 @@ class DecodeGraph:
     ``step(token) -> logits [1, 1, V]`` (float32), the same as ``model(tensor([[token]]), cache=cache)``.
     """
 
-    def __init__(self, model: LlamaModel, cache: KVCache):
+    def __init__(self, model: nn.Module, cache: KVCache):
+        """``model``: a ``ropekit.model.LlamaModel`` (which builds graphs with ``capture_decode``)."""
         self.model, self.cache = model, cache
         self.recording: Recording | None = None
         self._key: tuple | None = None
@@ -48,7 +45,7 @@ class DecodeGraph:
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # fixed-length rope: cos/sin of every slot
 
     @staticmethod
-    def replayable(model: LlamaModel, cache: KVCache) -> bool:
+    def replayable(model: nn.Module, cache: KVCache) -> bool:
         """Whether a step on ``cache`` can be recorded now: plain rope attention, one unpadded CPU sequence,
         no gradients, the fused C++ decode kernels in force for the model's weights."""
         return (type(model.attention) is RopeAttention and cache.batch_size == 1 and not cache.padded
