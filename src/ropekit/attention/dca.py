@@ -41,6 +41,8 @@ from ropekit.attention.remap import (
     _FLASH_DTYPES,
     DEFAULT_CHUNK,
     _is_plain_prefill,
+    block_allowed,
+    first_band_slot,
     flash_with_lse,
     merged_softmax_values,
 )
@@ -164,14 +166,9 @@ def dca_attention(q_intra: torch.Tensor, q_succ: torch.Tensor, q_inter: torch.Te
     for a in range(0, T, block):
         b = min(a + block, T)
         C, kend = b - a, past + b  # causality by slot: no query of this block sees a key slot >= kend
-        if mask is None:
-            allowed = (slots[None, :kend] <= (past + torch.arange(a, b, device=slots.device))[:, None])[None]
-        else:
-            allowed = mask[:, 0, a:b, :kend]  # [B|1, C, kend]
+        allowed = block_allowed(mask, slots, past, a, b)  # [B|1, C, kend]
         parts = dca_parts(q_pos[:, a:b], k_pos[:, :kend], chunk_len)  # [B, C, kend]
-        near = (parts < INTER) & allowed
-        cols = near.any(dim=1).any(dim=0).nonzero()
-        lo = int(cols[0]) if len(cols) else kend  # first key slot holding an intra or successive pair
+        lo = first_band_slot((parts < INTER) & allowed, kend)  # first key slot of an intra or successive pair
 
         blocks = [x[:, :, a:b].reshape(B, Hkv, g * C, D) for x in (q_intra, q_succ, q_inter)]
         scores = _scores(blocks[INTER], k[:, :, :kend], g)  # [B, Hkv, g, C, kend]

@@ -45,6 +45,22 @@ def _is_plain_prefill(q_pos: torch.Tensor, k_pos: torch.Tensor, mask: torch.Tens
     return bool((steps == 1).all())
 
 
+def block_allowed(mask: torch.Tensor | None, slots: torch.Tensor, past: int, a: int, b: int) -> torch.Tensor:
+    """Which key slots queries a..b-1 may see: causal by slot (query t sits in slot past + t) without a
+    mask, else the mask's rows. slots ``[S]`` -> ``[1 or B, b - a, past + b]`` bool."""
+    kend = past + b
+    if mask is None:
+        return (slots[None, :kend] <= (past + torch.arange(a, b, device=slots.device))[:, None])[None]
+    return mask[:, 0, a:b, :kend]
+
+
+def first_band_slot(band: torch.Tensor, kend: int) -> int:
+    """The first key slot any row of ``band`` ``[B, C, kend]`` (bool) holds, else ``kend``: where a block's
+    band of specially rotated pairs starts."""
+    cols = band.any(dim=1).any(dim=0).nonzero()
+    return int(cols[0]) if len(cols) else kend
+
+
 def merged_softmax_values(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, scale: float,
                           softcap: float | None) -> torch.Tensor:
     """One softmax over a block's merged scores, then the values: the last step of every general path.
@@ -135,14 +151,9 @@ def merged_attention(q_near: torch.Tensor, k_near: torch.Tensor, q_far: torch.Te
         C, kend = b - a, past + b  # causality by slot: no query of this chunk sees a key slot >= kend
         qn = q_near[:, :, a:b].reshape(B, Hkv, g * C, D)  # [B, H, C, D] -> [B, Hkv, g*C, D]
         qf = q_far[:, :, a:b].reshape(B, Hkv, g * C, D)
-        if mask is None:
-            allowed = (slots[None, :kend] <= (past + torch.arange(a, b, device=slots.device))[:, None])[None]
-        else:
-            allowed = mask[:, 0, a:b, :kend]  # [B, C, kend]
-        near = (q_pos[:, a:b, None] - k_pos[:, None, :kend]) < window  # [B, C, kend]
-        near = near & allowed
-        cols = near.any(dim=1).any(dim=0).nonzero()
-        lo = int(cols[0]) if len(cols) else kend  # first key slot holding any near pair
+        allowed = block_allowed(mask, slots, past, a, b)  # [B|1, C, kend]
+        near = ((q_pos[:, a:b, None] - k_pos[:, None, :kend]) < window) & allowed  # [B, C, kend]
+        lo = first_band_slot(near, kend)  # first key slot holding any near pair
         scores = (qf @ k_far[:, :, :kend].transpose(-1, -2)).view(B, Hkv, g, C, kend)
         if lo < kend:
             band = (qn @ k_near[:, :, lo:kend].transpose(-1, -2)).view(B, Hkv, g, C, kend - lo)
