@@ -5,8 +5,9 @@ and their positions, called in two steps so that a forward pass computes its rot
 once and every layer reuses them:
 
 - ``tables = variant.tables(rope, q_pos, k_pos)``: ``rope`` is a ``RotaryEmbedding`` (its
-  frequencies at the current length), ``q_pos`` ``[B, T]`` and ``k_pos`` ``[B, S]`` long positions
-  of the queries and of every key attended to (``-1`` marks a padding key);
+  frequencies at the current length ``current_length(q_pos, k_pos, rope)``: read from the positions,
+  one host synchronisation, only for a length-dependent rope type), ``q_pos`` ``[B, T]`` and ``k_pos``
+  ``[B, S]`` long positions of the queries and of every key attended to (``-1`` marks a padding key);
 - ``out = variant.attend(q, k, v, tables, mask=None, scale=None, softcap=None, layout="half")``:
   q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]`` **unrotated**, H a multiple of Hkv; ``mask``
   ``[B, 1, T, S]`` bool (True = may attend) or None for causality by slot (query t sits in slot
@@ -52,12 +53,20 @@ class AttentionVariant:
         return f"{type(self).__name__}()"
 
 
-def current_length(q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
-    """The sequence length the frequencies are computed for: the largest position + 1."""
-    largest = int(q_pos.max()) if q_pos.numel() else 0
+def current_length(q_pos: torch.Tensor, k_pos: torch.Tensor, rope: RotaryEmbedding | None = None) -> int | None:
+    """The sequence length the frequencies are computed for: the largest position + 1.
+
+    Reading it from the tensors is a host synchronisation, made only where it matters: with ``rope``
+    given and a rope type whose frequencies do not depend on the length, None is returned without
+    reading anything (``rope.frequencies(None)`` is then the one set of frequencies). Length-dependent
+    types (and calls without ``rope``) read it: one synchronisation.
+    """
+    if rope is not None and not rope.config.is_dynamic:
+        return None
+    largest = q_pos.max() if q_pos.numel() else None
     if k_pos.numel():
-        largest = max(largest, int(k_pos.max()))
-    return largest + 1
+        largest = k_pos.max() if largest is None else torch.maximum(largest, k_pos.max())
+    return 1 if largest is None else max(int(largest), 0) + 1
 
 
 def causal_by_slot(num_queries: int, num_keys: int, device: torch.device | str | None = None) -> torch.Tensor:

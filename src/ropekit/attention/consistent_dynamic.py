@@ -29,7 +29,7 @@ class ConsistentDynamic(AttentionVariant):
     name = "consistent"
 
     def tables(self, rope: RotaryEmbedding, q_pos: torch.Tensor, k_pos: torch.Tensor) -> ConsistentTables:
-        inv_freq, factor = rope.frequencies(current_length(q_pos, k_pos))
+        inv_freq, factor = rope.frequencies(current_length(q_pos, k_pos, rope))
         return ConsistentTables(q=rope_cos_sin(inv_freq, q_pos, factor),
                                 k=rope_cos_sin(inv_freq, k_pos.clamp(min=0), factor))
 

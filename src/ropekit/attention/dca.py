@@ -229,7 +229,7 @@ class DualChunk(AttentionVariant):
     def tables(self, rope: RotaryEmbedding, q_pos: torch.Tensor, k_pos: torch.Tensor) -> DcaTables:
         """Rotation tables at the current length's frequencies: three per query, one per key."""
         S, W = self.sizes(rope)
-        inv_freq, factor = rope.frequencies(current_length(q_pos, k_pos))
+        inv_freq, factor = rope.frequencies(current_length(q_pos, k_pos, rope))
         intra, succ, inter = dca_query_positions(q_pos, S, W)
         return DcaTables(
             q_pos=q_pos, k_pos=k_pos, chunk_len=S - W, q_intra=rope_cos_sin(inv_freq, intra, factor),

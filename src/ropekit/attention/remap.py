@@ -195,7 +195,7 @@ class RemappedVariant(AttentionVariant):
 
     def tables(self, rope: RotaryEmbedding, q_pos: torch.Tensor, k_pos: torch.Tensor) -> RemapTables:
         """Rotation tables (near and far, queries and every key) at the current length's frequencies."""
-        inv_freq, factor = rope.frequencies(current_length(q_pos, k_pos))
+        inv_freq, factor = rope.frequencies(current_length(q_pos, k_pos, rope))
         k_safe = k_pos.clamp(min=0)  # padding keys are masked; any rotation will do
         q_far, k_far = self.far_positions(q_pos, k_safe)
         return RemapTables(

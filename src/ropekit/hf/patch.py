@@ -36,7 +36,7 @@ import torch
 from ropekit.attention import AttentionVariant, ConsistentDynamic, sdpa
 from ropekit.hf.architectures import ARCHITECTURES, REFUSED, Architecture
 from ropekit.method import Method, parse_method
-from ropekit.rope import RopeConfig, RotaryEmbedding, rope_cos_sin
+from ropekit.rope import RopeConfig, RotaryEmbedding
 
 IMPLEMENTATION = "ropekit"  # the name registered with transformers' attention and mask registries
 _STATE = "_ropekit_patch"  # attribute holding the patch on the model
@@ -142,7 +142,7 @@ def patch(model, method: str | Method):
         raise ValueError(f"{model_type}: rope type {rope_config.rope_type!r} rotates {rope_config.rotary_dim} "
                          f"channels, the model {base.rotary_dim}")
     state = _Patch(model_type=model_type, method=method, architecture=architecture, rotary=rotary, base_rope=base,
-                   rope=RotaryEmbedding(rope_config), attention_implementation=None)
+                   rope=RotaryEmbedding(rope_config, device=rotary.inv_freq.device), attention_implementation=None)
     variant = method.variant()
     if variant is not None:
         variant = variant.with_model_config(model.config)  # e.g. DCA's dual_chunk_attention_config
@@ -220,13 +220,24 @@ def _hf_table(table: torch.Tensor, architecture: Architecture) -> torch.Tensor:
 
 
 def _rope_type_forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
-    """cos/sin ``[B, T, R]`` in x's dtype from ropekit's frequencies (float64 angles, reduced mod 2 pi)."""
+    """cos/sin ``[B, T, R]`` in x's dtype from ropekit's frequencies (float64 angles, reduced mod 2 pi).
+
+    transformers hands the rotary module no host-side bound on ``position_ids``, so the rows are computed
+    for these positions directly rather than gathered from a table: no host synchronisation for a
+    fixed-length rope type, one (the largest position, read as the current length) for a length-dependent one.
+    """
     state: _Patch = self._ropekit
     positions = position_ids.to(device=x.device, dtype=torch.long)
-    seq_len = int(positions.max()) + 1 if state.rope.config.is_dynamic and positions.numel() else None
-    inv_freq, factor = state.rope.frequencies(seq_len)
-    cos, sin = rope_cos_sin(inv_freq, positions, factor)
+    cos, sin = _rope_on(state, x.device)(positions)
     return _hf_table(cos, state.architecture).to(x.dtype), _hf_table(sin, state.architecture).to(x.dtype)
+
+
+def _rope_on(state: _Patch, device: torch.device) -> RotaryEmbedding:
+    """The patch's ``RotaryEmbedding`` with its frequencies on ``device`` (moved once, where the model runs:
+    a copy from the host on every forward would synchronise)."""
+    if state.rope.inv_freq.device != device:
+        state.rope.to(device)
+    return state.rope
 
 
 def _identity_forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
@@ -308,7 +319,7 @@ def _tables(state: _Patch, layer: _Layer, position_ids, attention_mask, q_pos, m
     cached = state.tables.get(layer.kind)
     if cached is not None and cached[0][0] is key[0] and cached[0][1] is key[1] and cached[0][2] == key[2]:
         return cached[1]
-    tables = layer.variant.tables(state.rope, q_pos, key_positions(q_pos, mask, num_keys))
+    tables = layer.variant.tables(_rope_on(state, q_pos.device), q_pos, key_positions(q_pos, mask, num_keys))
     state.tables[layer.kind] = (key, tables)
     return tables
 

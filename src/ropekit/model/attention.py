@@ -38,6 +38,11 @@ class AttentionContext:
     cache: the ``KVCache`` or None; ``past``: slots already filled before this pass.
     mask: ``[B, 1, T, S]`` bool (True = may attend), or None for causality by slot (query t in
     slot ``past + t`` sees every slot up to its own; no padding anywhere).
+    position_end: a host-side int greater than every position (counted by the engine from the cache
+    and the number of new tokens), or None when the caller chose the positions; it lets the rope gather
+    its cached table without reading the positions (no host synchronisation). position_start: the host
+    int p when every row's positions are ``p .. p + T - 1`` (the engine's own positions, no padding), so
+    the cache's bookkeeping reads nothing back either; else None.
     cos, sin: the rope table at ``positions`` (``positions.shape + (R/2,)``, float32), set by
     ``RopeAttention.prepare``. ``extra``: room for an attention's own per-forward tables.
     recording: when set, every fused op of this pass runs through its planner and keeps its replay
@@ -50,6 +55,8 @@ class AttentionContext:
     attention: EngineAttention
     cache: KVCache | None = None
     past: int = 0
+    position_end: int | None = None
+    position_start: int | None = None
     mask: torch.Tensor | None = None
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
@@ -90,8 +97,10 @@ class RopeAttention(EngineAttention):
     name = "rope"
 
     def prepare(self, context: AttentionContext) -> None:
-        """Once per forward: the cos/sin table at the query positions."""
-        context.cos, context.sin = context.rope(context.positions)
+        """Once per forward: the cos/sin rows at the query positions, gathered from the rope's table (built
+        once) for a fixed-length rope type: no host synchronisation; a length-dependent type reads its
+        current length from the positions (one synchronisation) and computes them."""
+        context.cos, context.sin = context.rope(context.positions, position_end=context.position_end)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                context: AttentionContext) -> torch.Tensor:
@@ -105,12 +114,13 @@ class RopeAttention(EngineAttention):
                 q = apply_rotary(q, context.cos, context.sin, recording=recording)
                 k = apply_rotary(k, context.cos, context.sin, recording=recording)
             # one token: the decode kernel
-            return cache.attend_one(layer_idx, q, k, v, context.key_positions, recording=recording)
+            position = context.key_positions if context.position_start is None else context.position_start
+            return cache.attend_one(layer_idx, q, k, v, position, recording=recording)
         q = apply_rotary(q, context.cos, context.sin)
         k = apply_rotary(k, context.cos, context.sin)
         if cache is None:
             return sdpa(q, k, v, context.mask)
-        k, v = cache.update(layer_idx, k, v, context.key_positions)  # [B, Hkv, S, D]
+        k, v = cache.update(layer_idx, k, v, context.key_positions, context.position_start)  # [B, Hkv, S, D]
         return sdpa(q, k, v, context.mask)
 
 
@@ -146,7 +156,8 @@ class VariantHook(EngineAttention):
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                context: AttentionContext) -> torch.Tensor:
         if context.cache is not None:
-            k, v = context.cache.update(layer_idx, k, v, context.key_positions)  # unrotated keys
+            k, v = context.cache.update(layer_idx, k, v, context.key_positions,
+                                        context.position_start)  # unrotated keys
         return self.variant.attend(q, k, v, context.extra["tables"], context.mask)
 
     def __repr__(self) -> str:
@@ -184,7 +195,8 @@ def build_mask(valid_new: torch.Tensor | None, cache: KVCache | None, past: int,
     False) are masked; a padding query may attend everywhere, so its row never is all -inf
     (its output is discarded: no real token attends to it).
     """
-    cached_pad = cache is not None and past > 0 and bool((cache.key_positions[:, :past] < 0).any())
+    cached_pad = (cache is not None and past > 0 and cache.padded  # a host flag: nothing read for a cache never padded
+                  and bool((cache.key_positions[:, :past] < 0).any()))
     new_pad = valid_new is not None and not bool(valid_new.all())
     if not cached_pad and not new_pad:
         return None

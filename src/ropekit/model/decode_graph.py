@@ -42,7 +42,6 @@ class DecodeGraph:
         self.recording: Recording | None = None
         self._key: tuple | None = None
         self._logits: torch.Tensor | None = None
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # fixed-length rope: cos/sin of every slot
 
     @staticmethod
     def replayable(model: nn.Module, cache: KVCache) -> bool:
@@ -72,8 +71,6 @@ class DecodeGraph:
         recording = Recording()
         logits = self.model._logits(input_ids, None, self.cache, None, 0, None, recording=recording)
         self.recording, self._key, self._logits = recording, self._state(), logits
-        rope = self.model.rope
-        self._tables = None if rope.config.is_dynamic else rope(torch.arange(self.cache.max_len))  # [S, R/2] each
         return logits.clone()
 
     def _replay(self, token: int) -> torch.Tensor:
@@ -82,13 +79,13 @@ class DecodeGraph:
         if not 0 <= token < model.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {model.config.vocab_size}), got [{token}, {token}]")
         position = cache.next_position()
-        if self._tables is not None and position < self._tables[0].shape[0]:
-            context.cos.copy_(self._tables[0][position])
-            context.sin.copy_(self._tables[1][position])
-        else:  # a length-dependent rope type: the row at this position, from the current length
-            cos, sin = model.rope(torch.tensor([position]))  # [1, R/2] each
-            context.cos.copy_(cos)
-            context.sin.copy_(sin)
+        rope = model.rope
+        if rope.config.is_dynamic:  # the row at this position, from the current length position + 1
+            cos, sin = rope(torch.tensor([position], device=context.cos.device), seq_len=position + 1)  # [1, R/2]
+        else:  # a row of the rope's table (built once, grown on demand)
+            cos, sin = (table[position] for table in rope.table(position + 1, context.cos.device))  # [R/2]
+        context.cos.copy_(cos)
+        context.sin.copy_(sin)
         embedding.view(-1).copy_(model.embed_tokens.weight[token])
         cache.open_slot(position)
         self.recording.replay()

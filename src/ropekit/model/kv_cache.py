@@ -44,6 +44,7 @@ class KVCache:
         self.slot = torch.zeros((), dtype=torch.long)  # the slot of the current one-token step (decode kernel)
         self.padded = False  # whether a padding slot (position -1) was ever written since the last reset
         self._last_position = -1  # one-sequence caches: the largest position written (Python int)
+        self._position_end = 0  # every position written so far is below this (Python int)
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
@@ -74,12 +75,13 @@ class KVCache:
             return torch.zeros(self.batch_size, dtype=torch.long, device=self.key_positions.device)
         return self.key_positions[:, : self.length].max(dim=1).values.clamp(min=-1) + 1
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
-               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               first_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values for one layer and return all of that layer's so far.
 
         k, v: ``[B, Hkv, T, D]`` (k already rotated, or not: the cache does not care);
-        positions: ``[B, T]`` long, ``-1`` for padding. Returns ``(keys, values)``, each
+        positions: ``[B, T]`` long, ``-1`` for padding; ``first_position``: the host int p when every row's
+        positions are ``p .. p + T - 1`` (then nothing is read back from them), else None. Returns ``(keys, values)``, each
         ``[B, Hkv, S, D]`` with ``S = length + T``: views into the buffers, valid until the next update.
         """
         start = self._fill[layer_idx]
@@ -91,17 +93,27 @@ class KVCache:
         self.values[layer_idx, :, :, start:end] = v
         if layer_idx == 0:
             self.key_positions[:, start:end] = positions
-            self._note_positions(positions)
+            self._note_positions(positions, first_position)
         self._fill[layer_idx] = end
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
 
-    def _note_positions(self, positions: torch.Tensor) -> None:
+    def _note_positions(self, positions: torch.Tensor, first_position: int | None = None) -> None:
+        """Host-side bookkeeping of the positions written (padding seen, the largest position)."""
         if positions.numel() == 0:
             return
-        low, high = int(positions.min()), int(positions.max())
+        if first_position is None:  # read from the tensor: a host synchronisation
+            low, high = int(positions.min()), int(positions.max())
+        else:
+            low, high = first_position, first_position + positions.shape[-1] - 1
         self.padded = self.padded or low < 0
+        self._position_end = max(self._position_end, high + 1)
         if self.batch_size == 1:
             self._last_position = max(self._last_position, high)
+
+    @property
+    def position_end(self) -> int:
+        """A host-side int greater than every position written since the last reset (0 when none)."""
+        return self._position_end
 
     def next_position(self) -> int:
         """The next position of a one-sequence cache (the largest written + 1, 0 when empty)."""
@@ -123,6 +135,7 @@ class KVCache:
         self.key_positions[0, slot] = position
         self.padded = self.padded or position < 0
         self._last_position = max(self._last_position, position)
+        self._position_end = max(self._position_end, position + 1)
         return slot
 
     def close_slot(self) -> None:
@@ -130,11 +143,12 @@ class KVCache:
         self._fill = [self.length + 1] * len(self._fill)
 
     def attend_one(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   positions: torch.Tensor, recording: Recording | None = None) -> torch.Tensor:
+                   positions: torch.Tensor | int, recording: Recording | None = None) -> torch.Tensor:
         """One new token of a one-sequence cache: store k, v in the next slot of this layer and attend over
         slots 0..slot (the ``decode_attention`` op: a C++ kernel for float32 activations on the CPU).
 
-        q ``[1, H, 1, D]`` and k ``[1, Hkv, 1, D]`` rotated, v ``[1, Hkv, 1, D]``, positions ``[1, 1]``.
+        q ``[1, H, 1, D]`` and k ``[1, Hkv, 1, D]`` rotated, v ``[1, Hkv, 1, D]``, positions ``[1, 1]`` (or the
+        position as a host int: then nothing is read back from the device).
         Returns ``[1, H, 1, D]`` in q's dtype. The layers of one forward share the step's slot: the
         first opens it, the last closes it. ``recording``: keep the kernel call for replay (the slot is
         then read from ``self.slot`` when the call runs).
@@ -171,11 +185,11 @@ class KVCache:
         new.values[:, :, :, :n] = self.values[:, :, :, :n]
         new.key_positions[:, :n] = self.key_positions[:, :n]
         new._fill = [n] * L
-        new.padded, new._last_position = self.padded, self._last_position
+        new.padded, new._last_position, new._position_end = self.padded, self._last_position, self._position_end
         return new
 
     def reset(self) -> None:
         """Forget everything (buffers stay allocated)."""
         self._fill = [0] * len(self._fill)
         self.key_positions.fill_(-1)
-        self.padded, self._last_position = False, -1
+        self.padded, self._last_position, self._position_end = False, -1, 0

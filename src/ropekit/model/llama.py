@@ -279,15 +279,21 @@ class LlamaModel(nn.Module):
             cache.check_room(T)
             past = cache.length
         valid = _valid_mask(attention_mask, B, T, past)
+        position_start = position_end = None  # unknown for positions the caller chose
         if positions is None:
             positions = default_positions(valid, cache, B, T, input_ids.device)
+            base = 0 if cache is None else cache.position_end  # every position so far is below it
+            position_end = base + T
+            if valid is None and (cache is None or cache.batch_size == 1):
+                position_start = base  # positions = base .. base + T - 1 (default_positions, read from no tensor)
         elif positions.shape not in ((T,), (B, T)):
             raise ValueError(f"positions must have shape ({T},) or ({B}, {T}), got {tuple(positions.shape)}")
         key_positions = positions.expand(B, T)
         if valid is not None:
             key_positions = key_positions.masked_fill(~valid, -1)
         context = AttentionContext(positions=positions, key_positions=key_positions, rope=self.rope,
-                                   attention=self.attention, cache=cache, past=past,
+                                   attention=self.attention, cache=cache, past=past, position_end=position_end,
+                                   position_start=position_start,
                                    mask=build_mask(valid, cache, past, T))
         self.attention.prepare(context)
         return context
@@ -301,9 +307,12 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]
                          f"of shape {tuple(getattr(input_ids, 'shape', ()))}")
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); need at least one token")
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
+    in_range = ((input_ids >= 0) & (input_ids < vocab_size)).all()
+    try:  # no host synchronisation: fails here on the CPU, at the device's next synchronisation elsewhere
+        torch._assert_async(in_range, "token ids out of range")
+    except RuntimeError:
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{int(input_ids.min())}, "
-                         f"{int(input_ids.max())}]")
+                         f"{int(input_ids.max())}]") from None
     return input_ids.shape
 
 
@@ -324,6 +333,8 @@ def default_positions(valid: torch.Tensor | None, cache: KVCache | None, B: int,
 
     With a mask, only real tokens advance the count; padding gets a harmless position (masked).
     """
+    if valid is None and (cache is None or cache.batch_size == 1):  # the start is a host int: nothing read
+        return torch.arange(T, device=device) + (0 if cache is None else cache.position_end)  # [T]
     start = cache.next_positions() if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
     if valid is None:
         if bool((start == start[0]).all()):

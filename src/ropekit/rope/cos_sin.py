@@ -9,11 +9,15 @@ import torch
 MAX_POSITION = 2**31  # positions must lie in [0, MAX_POSITION)
 
 
-def check_positions(positions: torch.Tensor) -> None:
-    """Raise ValueError unless ``positions`` is a real tensor of shape (T,) or (B, T) in [0, 2^31).
+def check_positions(positions: torch.Tensor, end: int = MAX_POSITION) -> None:
+    """Raise ValueError unless ``positions`` is a real tensor of shape (T,) or (B, T) in [0, end).
 
     Integer positions are the usual case; floating ones (finite) serve methods that place tokens
-    between integer positions (Leaky ReRoPE's far pairs).
+    between integer positions (Leaky ReRoPE's far pairs). ``end`` defaults to 2^31.
+
+    No host synchronisation: the value check is one ``torch._assert_async`` on the positions' device.
+    On the CPU it fails at once and the ValueError below names the range; on an accelerator a bad
+    position stops the device at its next synchronisation (as an out-of-range index does).
     """
     if not isinstance(positions, torch.Tensor) or positions.is_complex() or positions.dtype == torch.bool:
         raise ValueError(f"positions must be an integer or float tensor, got "
@@ -22,11 +26,20 @@ def check_positions(positions: torch.Tensor) -> None:
         raise ValueError(f"positions must have shape (T,) or (B, T), got {tuple(positions.shape)}")
     if positions.numel() == 0:
         return
+    in_range = (positions >= 0) & (positions < end)  # False for NaN
+    try:
+        torch._assert_async(in_range.all(), "positions out of range")
+    except RuntimeError:  # raised here only where the check ran at once (the CPU)
+        raise ValueError(_range_message(positions, end)) from None
+
+
+def _range_message(positions: torch.Tensor, end: int) -> str:
+    """What is wrong with positions that failed ``check_positions`` (reads them: the error path only)."""
     if positions.dtype.is_floating_point and not bool(torch.isfinite(positions).all()):
-        raise ValueError("positions must be finite")
-    low, high = positions.min(), positions.max()
-    if low < 0 or high >= MAX_POSITION:
-        raise ValueError(f"positions must lie in [0, 2**31), got min {float(low):g}, max {float(high):g}")
+        return "positions must be finite"
+    bound = "2**31" if end == MAX_POSITION else str(end)
+    return (f"positions must lie in [0, {bound}), got min {float(positions.min()):g}, "
+            f"max {float(positions.max()):g}")
 
 
 def rotation_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
