@@ -81,8 +81,9 @@ class KVCache:
 
         k, v: ``[B, Hkv, T, D]`` (k already rotated, or not: the cache does not care);
         positions: ``[B, T]`` long, ``-1`` for padding; ``first_position``: the host int p when every row's
-        positions are ``p .. p + T - 1`` (then nothing is read back from them), else None. Returns ``(keys, values)``, each
-        ``[B, Hkv, S, D]`` with ``S = length + T``: views into the buffers, valid until the next update.
+        positions are ``p .. p + T - 1`` (then nothing is read back from them), else None. Returns
+        ``(keys, values)``, each ``[B, Hkv, S, D]`` with ``S = length + T``: views into the buffers, valid until
+        the next update.
         """
         start = self._fill[layer_idx]
         end = start + k.shape[2]
