@@ -95,6 +95,27 @@ def test_set_rope_at_run_time_serves_the_new_rope():
     torch.testing.assert_close(switched, fresh, rtol=0, atol=0)
 
 
+def test_decode_graph_replays_rows_of_a_growing_table():
+    """Recorded decode steps past the first table's rows (256): the table grows during replay and every
+    step's logits equal the eager forward's bit for bit (the same rows, the same kernels)."""
+    from ropekit.kernels import decode
+
+    if decode.extension() is None:
+        pytest.fail(f"the C++ decode kernels did not build: {decode.GEMV_EXTENSION.error}")
+    model = tiny_model()
+    prompt = torch.randint(3, 250, (1, 250), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(3, 250, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    caches = model.new_cache(1, 262), model.new_cache(1, 262)
+    with torch.no_grad():
+        for cache in caches:
+            model(prompt, cache=cache)
+        graph = model.capture_decode(caches[0])
+        replayed = torch.stack([graph.step(token)[0, -1] for token in tokens])
+        eager = torch.stack([model(torch.tensor([[token]]), cache=caches[1])[0, -1] for token in tokens])
+    assert graph.recording is not None and model.rope.table(1)[0].shape[0] == 512
+    torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("spec", ["default", "yarn:factor=4,original_max_position_embeddings=32"])
 def test_fixed_length_forward_does_not_synchronise_on_cuda(spec):
