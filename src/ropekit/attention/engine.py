@@ -16,8 +16,9 @@ rotations and all scores share ONE softmax. Two ways to compute that:
   and key positions are ``slot + offset`` with one offset per row, padding keys at position -1 on
   the left, padding queries at -1: prefill, chunked prefill on a cache, one-token decoding, a
   left-padded batch), every part becomes a few rectangles of (queries, keys): *full* (every pair
-  covered), *causal* (a square, query t sees keys 0..t) or *banded* (a diagonal band, only for the
-  near window: ``C x (C + W)``). Each rectangle runs through the ``attention_lse`` op of the
+  covered), *causal* (a square, query t sees keys 0..t), *reverse-causal* (a square, query t sees
+  keys t..) or, at the edges of the keys and for windows narrower than 64, *banded* (masked, at most
+  ``block x (block + window)``). Each rectangle runs through the ``attention_lse`` op of the
   dispatch point (``ropekit.attention.fused``: torch's CPU flash op, or on CUDA
   ``torch.nn.attention.varlen.varlen_attn``) and its output merges into a float32 accumulator by
   log-sum-exp. No ``[T, S]`` or ``[chunk, S]`` tensor exists; memory is linear in the length.
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_BLOCK = 512
+MIN_SPLIT_WIDTH = 64  # windows at least this wide run as squares and a full middle, narrower ones masked
 
 
 @dataclass(frozen=True)
@@ -181,9 +183,19 @@ def _band_tiles(part: int, qa: int, qb: int, ka: int, kb: int, offset: int, low:
         if t0 + n < qb:
             tiles.append(Tile(part, t0 + n, qb, c0, c0 + n))  # queries past the last key see all of them
         return tiles
-    for a in range(qa, qb, block):  # a window: per block of queries, the keys any of them sees, banded
-        b = min(a + block, qb)
-        lo, hi = max(ka, a + offset - high), min(kb, b + offset - low)
+    width = high - low  # a window: per block of queries, the keys any of them sees
+    split = width >= MIN_SPLIT_WIDTH
+    step = min(block, width) if split else block
+    for a in range(qa, qb, step):
+        b = min(a + step, qb)
+        first, last = a + offset - high, b + offset - low  # keys first..last-1 hold the block's band
+        if split and first >= ka and last <= kb:  # reverse-causal square, full middle, causal square
+            tiles.append(Tile(part, a, b, first, first + b - a, (0, -1)))
+            if last - (b - a) > first + (b - a):
+                tiles.append(Tile(part, a, b, first + b - a, last - (b - a)))
+            tiles.append(Tile(part, a, b, last - (b - a), last, (-1, 0)))
+            continue
+        lo, hi = max(ka, first), min(kb, last)  # at the edges of the keys: one masked tile
         a, b = max(a, lo - offset + low), min(b, hi - offset + high)  # queries that see at least one key
         if hi > lo and b > a:
             tiles.append(Tile(part, a, b, lo, hi, _window_of(a, b, hi, offset, low, high)))
@@ -241,15 +253,39 @@ def part_tiles(parts: list[Coverage], group: RowGroup, num_q: int, num_k: int,
 # ---------------------------------------------------------------------------------------------- merge
 
 
-def merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
-    """Merge one partial softmax into the running one, in place: out ``[..., C, Dv]`` float32, lse
-    ``[..., C]`` float32 (-inf = nothing yet), part_out/part_lse the same shapes (part_out any dtype)."""
-    total = torch.logaddexp(lse, part_lse)
-    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)  # rows with no key so far
-    keep = torch.exp(lse - safe)[..., None]
-    add = torch.exp(part_lse - safe)[..., None]
-    out.mul_(keep).add_(part_out.float() * add)
-    lse.copy_(total)
+def _by_query_range(tiles: list[Tile]) -> dict[tuple[int, int], list[Tile]]:
+    """The tiles grouped by their query range (first-seen order): each group merges in one pass."""
+    groups: dict[tuple[int, int], list[Tile]] = {}
+    for tile in tiles:
+        groups.setdefault((tile.qa, tile.qb), []).append(tile)
+    return groups
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]],
+               fresh: bool) -> None:
+    """Merge partial softmaxes over disjoint keys into the running one, in place, by their log-sum-exps.
+
+    out ``[..., C, Dv]`` float32 and lse ``[..., C]`` float32 (-inf = no key yet) hold the running result;
+    ``parts`` (out ``[..., C, Dv]`` any dtype, lse ``[..., C]``) are added; ``fresh``: out/lse hold nothing
+    yet for these rows (skips reading them). Rows with no key at all keep lse -inf and output 0.
+    """
+    lses = ([] if fresh else [lse]) + [part_lse for _, part_lse in parts]
+    if fresh and len(parts) == 1:
+        out.copy_(parts[0][0])
+        lse.copy_(parts[0][1])
+        return
+    top = torch.stack(lses).amax(dim=0)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # rows with no key: weights 0
+    weights = [torch.exp(x - top) for x in lses]
+    total = torch.stack(weights).sum(dim=0)
+    norm = torch.where(total > 0, total, torch.ones_like(total))
+    if fresh:
+        out.zero_()
+    else:
+        out.mul_((weights.pop(0) / norm)[..., None])
+    for (part_out, _), weight in zip(parts, weights, strict=True):
+        out.add_(part_out.float() * (weight / norm)[..., None])
+    lse.copy_(top + torch.log(total))
 
 
 def fused_parts_attention(qs: list[torch.Tensor], ks: list[torch.Tensor], v: torch.Tensor, parts: list[Coverage],
@@ -279,10 +315,13 @@ def fused_parts_attention(qs: list[torch.Tensor], ks: list[torch.Tensor], v: tor
         gq = [q[rows, :, qf:] for q in qs]
         gk = [k[rows, :, kf:] for k in ks]
         gv = v[rows, :, kf:]
-        for tile in part_tiles(parts, group, num_q, num_k, block):
-            o, lse = attention_lse(gq[tile.part][:, :, tile.qa:tile.qb], gk[tile.part][:, :, tile.ka:tile.kb],
-                                   gv[:, :, tile.ka:tile.kb], window=tile.window, scale=scale, backend=backend)
-            merge_into(acc[:, :, tile.qa:tile.qb], acc_lse[:, :, tile.qa:tile.qb], o, lse)
+        written: list[tuple[int, int]] = []  # query ranges that hold a result already
+        for (qa, qb), tiles in _by_query_range(part_tiles(parts, group, num_q, num_k, block)).items():
+            results = [attention_lse(gq[t.part][:, :, qa:qb], gk[t.part][:, :, t.ka:t.kb], gv[:, :, t.ka:t.kb],
+                                     window=t.window, scale=scale, backend=backend) for t in tiles]
+            fresh = not any(a < qb and qa < b for a, b in written)
+            merge_into(acc[:, :, qa:qb], acc_lse[:, :, qa:qb], results, fresh)
+            written.append((qa, qb))
         if group.rows is None:
             out[:, :, qf:] = acc.to(v.dtype)
         else:

@@ -11,9 +11,10 @@ Backends, registered on the one dispatch point (``ropekit.dispatch``; force one 
 ``use_backend(name, "attention_lse")`` or ``ROPEKIT_ATTENTION_BACKEND``):
 
 - ``cpu-flash``: torch's CPU flash op ``_scaled_dot_product_flash_attention_for_cpu``, which returns the
-  log-sum-exp (SDPA does not). Full rectangles fold a KV head's query group into one batch of rows
-  (no key copies); causal squares use the op's causal mode; a banded window gets an additive mask of
-  the rectangle's size (the engine keeps those at ``block x (block + window)``).
+  log-sum-exp (SDPA does not). Grouped-query heads read the keys through a stride-0 view (no copy;
+  a decoding step folds the query group into rows instead, so each key is read once); causal
+  squares use the op's causal mode, reverse-causal ones the same on reversed rows; any other window
+  gets an additive mask of the rectangle's size (the engine keeps those at ``block x (block + window)``).
 - ``cuda-varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention in torch >= 2.11: the
   window, grouped-query heads and the log-sum-exp through ``return_aux``); chosen where the installed
   torch has it (checked at run time) for float16/bfloat16 CUDA tensors.
@@ -43,6 +44,7 @@ ATTENTION_LSE = define_op(
 CPU_FLASH_DTYPES = (torch.float32, torch.bfloat16)
 CUDA_FLASH_DTYPES = (torch.float16, torch.bfloat16)
 TORCH_BLOCK = 512
+FOLD_ROWS = 16  # up to this many queries a full rectangle folds the query group into rows
 
 
 def window_allowed(num_q: int, num_k: int, window: tuple[int, int], device=None) -> torch.Tensor:
@@ -95,24 +97,35 @@ def _cpu_flash_op():
 
 
 def cpu_flash_attention_lse(q, k, v, *, window=(-1, -1), scale=None):
-    """The ``cpu-flash`` backend (module docstring)."""
+    """The ``cpu-flash`` backend (module docstring). Grouped-query heads are a stride-0 view of the keys
+    (the op reads strided tensors), so no key is copied; a reverse-causal square (window (0, -1)) runs
+    as a causal one on the queries and keys in reverse order."""
     op = _cpu_flash_op()
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    g = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if window == (-1, -1):  # every key: a KV head's g query heads are g * Tq rows of one batch
-        rows = q.reshape(B, Hkv, (H // Hkv) * Tq, D)
-        out, lse = op(rows, k.contiguous(), v.contiguous(), 0.0, False, scale=scale)[:2]
+    if window == (-1, -1) and Tq <= FOLD_ROWS:  # decoding: a KV head's g queries are rows of one batch
+        out, lse = op(q.reshape(B, Hkv, g * Tq, D), k, v, 0.0, False, scale=scale)[:2]
         return out.reshape(B, H, Tq, -1), lse.reshape(B, H, Tq).float()
-    k, v = _expand_heads(q, k, v)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if window == (-1, 0) and Tq == Tk:
-        out, lse = op(q, k, v, 0.0, True, scale=scale)[:2]
-        return out, lse.float()
-    bias = torch.zeros(Tq, Tk, dtype=q.dtype, device=q.device)
-    bias.masked_fill_(~window_allowed(Tq, Tk, window, q.device), float("-inf"))
-    out, lse = op(q, k, v, 0.0, False, attn_mask=bias, scale=scale)[:2]
-    return out, lse.float()
+    reverse = window == (0, -1) and Tq == Tk
+    if reverse:
+        q, k, v = q.flip(2), k.flip(2), v.flip(2)
+    rows = q.reshape(B * Hkv, g, Tq, D)
+    keys = k.reshape(B * Hkv, 1, Tk, D).expand(-1, g, -1, -1)
+    values = v.reshape(B * Hkv, 1, Tk, v.shape[-1]).expand(-1, g, -1, -1)
+    if window == (-1, -1):
+        out, lse = op(rows, keys, values, 0.0, False, scale=scale)[:2]
+    elif reverse or (window == (-1, 0) and Tq == Tk):
+        out, lse = op(rows, keys, values, 0.0, True, scale=scale)[:2]
+    else:
+        bias = torch.zeros(Tq, Tk, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~window_allowed(Tq, Tk, window, q.device), float("-inf"))
+        out, lse = op(rows, keys, values, 0.0, False, attn_mask=bias, scale=scale)[:2]
+    out, lse = out.reshape(B, H, Tq, -1), lse.reshape(B, H, Tq).float()
+    if reverse:
+        out, lse = out.flip(2), lse.flip(-1)
+    return out, lse
 
 
 def _supports_cpu_flash(q, k, v, **kwargs) -> bool:
