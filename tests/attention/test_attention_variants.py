@@ -18,8 +18,7 @@ import pytest
 import torch
 from tiny_llama import tiny_model
 
-from ropekit.attention import ConsistentDynamic, ReRope, SelfExtend, fast_prefill_attention, merged_attention
-from ropekit.attention.remap import flash_with_lse
+from ropekit.attention import ConsistentDynamic, ReRope, SelfExtend
 from ropekit.method import parse_method
 from ropekit.model import KVCache, RopeAttention, VariantHook, patch
 from ropekit.rope import RopeConfig, RotaryEmbedding
@@ -307,36 +306,6 @@ def test_patch_resets_to_base_rope():
     assert model.config.rope.rope_type == "yarn" and isinstance(model.attention, RopeAttention)
     patch(model, "self-extend:group=2,window=4", base)
     assert model.config.rope == base and isinstance(model.attention.variant, SelfExtend)
-
-
-@pytest.mark.parametrize("T,window,chunk", [(50, 7, 8), (33, 40, 16), (64, 1, 64)])
-def test_fast_prefill_path_equals_general_chunked_path(T, window, chunk):
-    """The flash + log-sum-exp merge used for plain prefills equals the general masked path."""
-    q, k, v = qkv(T, seed=5, dtype=torch.float32)
-    q2, k2, _ = qkv(T, seed=6, dtype=torch.float32)
-    pos = torch.arange(T).expand(B, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T)
-    general = merged_attention(q, k, q2, k2, v, pos, pos, window, mask=causal, chunk_size=chunk)
-    torch.testing.assert_close(fast_prefill_attention(q, k, q2, k2, v, window, chunk), general,
-                               rtol=1e-5, atol=1e-5)
-
-
-def test_the_fast_prefill_path_never_takes_a_cuda_tensor(monkeypatch):
-    """The CPU flash op was called on any device, so Self-Extend / ReRoPE prefill on CUDA failed. Now the op
-    is looked up per device (None off the CPU), and where there is none the general path gives the answer."""
-    from ropekit.attention import remap
-
-    assert flash_with_lse(torch.device("cpu")) is not None
-    assert flash_with_lse(torch.device("cuda")) is None and flash_with_lse(torch.device("meta")) is None
-    q, k, v = qkv(40, seed=7, dtype=torch.float32)
-    q2, k2, _ = qkv(40, seed=8, dtype=torch.float32)
-    pos = torch.arange(40).expand(B, 40)
-    fast = merged_attention(q, k, q2, k2, v, pos, pos, 6, chunk_size=16)
-    asked = []
-    monkeypatch.setattr(remap, "flash_with_lse", lambda device: asked.append(device.type))  # as on CUDA
-    general = merged_attention(q, k, q2, k2, v, pos, pos, 6, chunk_size=16)
-    assert asked == ["cpu"]
-    torch.testing.assert_close(general, fast, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: needs CUDA")

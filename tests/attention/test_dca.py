@@ -18,7 +18,7 @@ import pytest
 import torch
 from tiny_llama import tiny_model, to_transformers
 
-from ropekit.attention import DualChunk, fast_dca_prefill
+from ropekit.attention import DualChunk
 from ropekit.attention.dca import dca_sizes
 from ropekit.method import parse_method
 from ropekit.rope import RopeConfig, RotaryEmbedding
@@ -118,10 +118,11 @@ def test_fast_cpu_prefill_path_equals_the_reference(chunk, local, T, start):
 
 
 def test_fast_path_is_taken_and_equals_the_general_path(monkeypatch):
-    from ropekit.attention import dca
+    from ropekit.attention import remap
 
     calls = []
-    monkeypatch.setattr(dca, "fast_dca_prefill", lambda *a, **kw: calls.append(1) or fast_dca_prefill(*a, **kw))
+    fused = remap.fused_parts_attention
+    monkeypatch.setattr(remap, "fused_parts_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
     rope, (q, k, v) = rope_of(), qkv(50, dtype=torch.float32)
     q_pos, k_pos, allowed = causal(50)
     variant = DualChunk(16, 4, block=8)

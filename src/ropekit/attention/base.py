@@ -35,6 +35,9 @@ class AttentionVariant:
     """Base class of the attention variants (see the module docstring for the contract)."""
 
     name = "variant"
+    # True when ``attend`` with mask None also masks padding read from the positions (keys at -1 never
+    # attended, queries at -1 give zeros), so a caller whose mask is exactly that may pass None
+    padding_from_positions = False
 
     def tables(self, rope: RotaryEmbedding, q_pos: torch.Tensor, k_pos: torch.Tensor) -> Any:
         raise NotImplementedError

@@ -21,32 +21,19 @@ the paper's text writes the inter-chunk query position as a constant one positio
 Defaults for a model trained on L tokens (``original_max_position_embeddings``, else
 ``max_position_embeddings`` of the rope config): ``S = 3L/4``, ``W = L/8`` (integer division).
 
-Two paths, neither materialising ``T x T``: a plain CPU prefill (positions are consecutive slots,
-the same in every row, no mask, no softcap) runs, per chunk of queries, the intra part as a causal
-flash SDPA, the successive and inter parts as non-causal flash SDPAs, and merges the three by
-their log-sum-exps; every other case (cache, padding, arbitrary positions, softcap, other
-devices) takes the general path: queries in blocks of ``block`` with one ``[B, H, C, S]`` score
-block each (intra and successive scores only on the band of key slots that holds such pairs).
+The three parts run through the merge engine (``ropekit.attention.engine``): intra
+``ChunkApart(CL, None, 0)``, successive ``ChunkApart(CL, 1, 1)``, inter ``ChunkApart(CL, 2, None)``;
+on the fused path each chunk of queries is a causal square over its own chunk and full rectangles
+over the previous chunk and the older ones.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from ropekit.attention.base import AttentionVariant, current_length
-from ropekit.attention.remap import (
-    _FLASH_DTYPES,
-    DEFAULT_CHUNK,
-    _is_plain_prefill,
-    block_allowed,
-    first_band_slot,
-    flash_with_lse,
-    merged_softmax_values,
-)
-from ropekit.rope import RotaryEmbedding, apply_rotary, rope_cos_sin
+from ropekit.attention.engine import DEFAULT_BLOCK, ChunkApart, Part
+from ropekit.attention.remap import PartsVariant
+from ropekit.rope import RotaryEmbedding, rope_cos_sin
 
 INTRA, SUCCESSIVE, INTER = 0, 1, 2
 
@@ -93,115 +80,13 @@ def dca_parts(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_len: int) -> torch
     return apart.clamp(min=0, max=INTER)
 
 
-def _merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """One softmax from partial ones: parts of (out ``[B, H, C, Dv]``, lse ``[B, H, C]``) over disjoint keys."""
-    if len(parts) == 1:
-        return parts[0][0]
-    lses = torch.stack([lse.float() for _, lse in parts])  # [P, B, H, C]
-    weights = torch.softmax(lses, dim=0)[..., None]  # exp(lse_p - logsumexp_p lse_p)
-    out = sum(w * o.float() for w, (o, _) in zip(weights, parts, strict=True))
-    return out.to(parts[0][0].dtype)
-
-
-def fast_dca_prefill(q_intra: torch.Tensor, q_succ: torch.Tensor, q_inter: torch.Tensor, k: torch.Tensor,
-                     v: torch.Tensor, start: int, chunk_len: int, scale: float | None = None) -> torch.Tensor:
-    """DCA for a plain prefill on the CPU: the query at slot t has position ``start + t`` in every row.
-
-    q_* ``[B, H, T, D]`` (rotated three ways), k/v ``[B, Hkv, T, D]`` (k rotated at ``j mod CL``). Per
-    position chunk: intra = causal flash SDPA over the chunk's own keys, successive = flash SDPA over
-    the previous chunk's keys, inter = flash SDPA over all older keys; merged by log-sum-exp.
-    Returns ``[B, H, T, Dv]``.
-    """
-    op = flash_with_lse(q_intra.device)
-    if op is None:
-        raise ValueError(f"fast_dca_prefill runs on CPU tensors only, got {q_intra.device}")
-    B, H, T, D = q_intra.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    g = H // k.shape[1]
-    if g > 1:  # [B, Hkv, T, D] -> [B, H, T, D]
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    out = q_intra.new_empty(B, H, T, v.shape[-1])
-    for c in range(start // chunk_len, (start + T - 1) // chunk_len + 1):
-        a, b = max(0, c * chunk_len - start), min(T, (c + 1) * chunk_len - start)  # this chunk's slots
-        prev = max(0, (c - 1) * chunk_len - start)  # the previous chunk starts here (slots)
-        parts = [op(q_intra[:, :, a:b].contiguous(), k[:, :, a:b].contiguous(), v[:, :, a:b].contiguous(),
-                    0.0, True, scale=scale)[:2]]
-        for q, lo, hi in ((q_succ, prev, a), (q_inter, 0, prev)):  # previous chunk, older chunks
-            if hi > lo:
-                parts.append(op(q[:, :, a:b].contiguous(), k[:, :, lo:hi].contiguous(), v[:, :, lo:hi].contiguous(),
-                                0.0, False, scale=scale)[:2])
-        out[:, :, a:b] = _merge_by_lse(parts)
-    return out
-
-
-def _scores(q: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
-    """Raw scores of grouped queries q ``[B, Hkv, g*C, D]`` against k ``[B, Hkv, K, D]`` -> ``[B, Hkv, g, C, K]``."""
-    B, Hkv, rows, _ = q.shape
-    return (q @ k.transpose(-1, -2)).view(B, Hkv, groups, rows // groups, k.shape[2])
-
-
-def dca_attention(q_intra: torch.Tensor, q_succ: torch.Tensor, q_inter: torch.Tensor, k: torch.Tensor,
-                  v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_len: int,
-                  mask: torch.Tensor | None = None, block: int = DEFAULT_CHUNK, scale: float | None = None,
-                  softcap: float | None = None) -> torch.Tensor:
-    """One softmax over intra, successive and inter scores (``dca_parts`` picks each pair's).
-
-    q_* ``[B, H, T, D]`` (the queries rotated at their three positions), k/v ``[B, Hkv, S, D]`` (k
-    rotated at ``j mod CL``), H a multiple of Hkv. q_pos ``[B, T]``, k_pos ``[B, S]`` long. mask
-    ``[B, 1, T, S]`` bool (True = may attend) or None for causality by slot (query t sits in slot
-    ``S - T + t``). ``scale`` (default 1/sqrt(D)), ``softcap`` (scores capped as ``c * tanh(s / c)``).
-    Rows with no allowed key return zeros. Returns ``[B, H, T, Dv]``.
-    """
-    B, H, T, D = q_intra.shape
-    if (not softcap and q_intra.dtype in _FLASH_DTYPES and flash_with_lse(q_intra.device) is not None
-            and _is_plain_prefill(q_pos, k_pos, mask) and T > 0 and bool((q_pos[:, 0] == q_pos[0, 0]).all())
-            and int(q_pos[0, 0]) >= 0):
-        return fast_dca_prefill(q_intra, q_succ, q_inter, k, v, int(q_pos[0, 0]), chunk_len, scale)
-    Hkv, S = k.shape[1], k.shape[2]
-    g = H // Hkv
-    past = S - T
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out = q_intra.new_empty(B, H, T, v.shape[-1])
-    slots = torch.arange(S, device=q_intra.device)
-    for a in range(0, T, block):
-        b = min(a + block, T)
-        C, kend = b - a, past + b  # causality by slot: no query of this block sees a key slot >= kend
-        allowed = block_allowed(mask, slots, past, a, b)  # [B|1, C, kend]
-        parts = dca_parts(q_pos[:, a:b], k_pos[:, :kend], chunk_len)  # [B, C, kend]
-        lo = first_band_slot((parts < INTER) & allowed, kend)  # first key slot of an intra or successive pair
-
-        blocks = [x[:, :, a:b].reshape(B, Hkv, g * C, D) for x in (q_intra, q_succ, q_inter)]
-        scores = _scores(blocks[INTER], k[:, :, :kend], g)  # [B, Hkv, g, C, kend]
-        if lo < kend:
-            band = parts[:, None, None, :, lo:]
-            keys = k[:, :, lo:kend]
-            scores[..., lo:] = torch.where(band == INTRA, _scores(blocks[INTRA], keys, g), torch.where(
-                band == SUCCESSIVE, _scores(blocks[SUCCESSIVE], keys, g), scores[..., lo:]))
-        ctx = merged_softmax_values(scores, allowed, v[:, :, :kend], scale, softcap)  # [B, Hkv, g*C, Dv]
-        out[:, :, a:b] = ctx.view(B, H, C, -1)
-    return out
-
-
-@dataclass
-class DcaTables:
-    """Per-forward tables: positions, the chunk length, (cos, sin) of the three query rotations and the keys."""
-
-    q_pos: torch.Tensor  # [B, T]
-    k_pos: torch.Tensor  # [B, S], -1 = padding
-    chunk_len: int
-    q_intra: tuple[torch.Tensor, torch.Tensor]
-    q_succ: tuple[torch.Tensor, torch.Tensor]
-    q_inter: tuple[torch.Tensor, torch.Tensor]
-    k: tuple[torch.Tensor, torch.Tensor]
-
-
-class DualChunk(AttentionVariant):
+class DualChunk(PartsVariant):
     """DCA with chunk size ``chunk`` (S) and local window ``local`` (W); None = the default from the
     trained length (S = 3L/4, W = L/8). ``block``: queries per block on the general path."""
 
     name = "dca"
 
-    def __init__(self, chunk: int | None = None, local: int | None = None, block: int = DEFAULT_CHUNK):
+    def __init__(self, chunk: int | None = None, local: int | None = None, block: int = DEFAULT_BLOCK):
         self.chunk = None if chunk is None else int(chunk)
         self.local = None if local is None else int(local)
         self.block = int(block)
@@ -226,27 +111,16 @@ class DualChunk(AttentionVariant):
             chunk, local = dca_sizes(int(trained), chunk, local)
         return DualChunk(chunk, local, self.block)
 
-    def tables(self, rope: RotaryEmbedding, q_pos: torch.Tensor, k_pos: torch.Tensor) -> DcaTables:
-        """Rotation tables at the current length's frequencies: three per query, one per key."""
+    def parts(self, rope: RotaryEmbedding, q_pos: torch.Tensor, k_pos: torch.Tensor, inv_freq: torch.Tensor,
+              factor: float) -> list[Part]:
+        """Three parts sharing the keys' rotation (at ``j mod CL``): intra, successive, inter."""
         S, W = self.sizes(rope)
-        inv_freq, factor = rope.frequencies(current_length(q_pos, k_pos, rope))
+        CL = S - W
         intra, succ, inter = dca_query_positions(q_pos, S, W)
-        return DcaTables(
-            q_pos=q_pos, k_pos=k_pos, chunk_len=S - W, q_intra=rope_cos_sin(inv_freq, intra, factor),
-            q_succ=rope_cos_sin(inv_freq, succ, factor), q_inter=rope_cos_sin(inv_freq, inter, factor),
-            k=rope_cos_sin(inv_freq, dca_key_positions(k_pos, S - W), factor))
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: DcaTables,
-               mask: torch.Tensor | None = None, scale: float | None = None, softcap: float | None = None,
-               layout: str = "half") -> torch.Tensor:
-        """q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]`` unrotated -> ``[B, H, T, D]``."""
-
-        def rotate(x, table):  # float32 angles; rounded once, to the cache's dtype (q may come in float32)
-            return apply_rotary(x, *table, layout=layout).to(v.dtype)
-
-        return dca_attention(
-            rotate(q, tables.q_intra), rotate(q, tables.q_succ), rotate(q, tables.q_inter), rotate(k, tables.k), v,
-            tables.q_pos, tables.k_pos, tables.chunk_len, mask, self.block, scale, softcap)
+        keys = rope_cos_sin(inv_freq, dca_key_positions(k_pos, CL), factor)
+        return [Part(rope_cos_sin(inv_freq, intra, factor), keys, ChunkApart(CL, None, 0)),
+                Part(rope_cos_sin(inv_freq, succ, factor), keys, ChunkApart(CL, 1, 1)),
+                Part(rope_cos_sin(inv_freq, inter, factor), keys, ChunkApart(CL, 2, None))]
 
     def __repr__(self) -> str:
         return f"DualChunk(chunk={self.chunk}, local={self.local})"

@@ -25,7 +25,7 @@ class ReRope(RemappedVariant):
 
     def __init__(self, window: int = 512, leak: float | None = None, logn: bool = False,
                  chunk_size: int = DEFAULT_CHUNK):
-        self.window, self.leak, self.logn, self.chunk_size = int(window), leak, bool(logn), int(chunk_size)
+        self.window, self.leak, self.logn, self.block = int(window), leak, bool(logn), int(chunk_size)
         self.name = "rerope" if leak is None else "leaky-rerope"
 
     def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ class SelfExtend(RemappedVariant):
     name = "self-extend"
 
     def __init__(self, group: int = 4, window: int = 1024, chunk_size: int = DEFAULT_CHUNK):
-        self.group, self.window, self.chunk_size = int(group), int(window), int(chunk_size)
+        self.group, self.window, self.block = int(group), int(window), int(chunk_size)
 
     def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         G, W = self.group, self.window

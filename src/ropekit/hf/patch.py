@@ -267,6 +267,19 @@ def key_positions(q_pos: torch.Tensor, mask: torch.Tensor | None, num_keys: int)
     return q_pos[:, -1:] - (last[:, None] - slots[None, :])  # [B, S]
 
 
+def is_causal_by_slot(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` ``[B, 1, T, S]`` (bool) is plain causality by slot (query t sees slots ``<= S - T + t``,
+    no padding): then passing None instead says the same. Compared in blocks of queries."""
+    B, _, T, S = mask.shape
+    slots = torch.arange(S, device=mask.device)
+    for a in range(0, T, 1024):
+        b = min(a + 1024, T)
+        causal = slots[None, :] <= (S - T + torch.arange(a, b, device=mask.device))[:, None]
+        if not torch.equal(mask[:, 0, a:b], causal.expand(B, -1, -1)):
+            return False
+    return True
+
+
 def _mask(**kwargs):
     """The mask for the "ropekit" implementation: None for a plain causal prefill without padding (the
     variants' fast prefill path), else transformers' SDPA mask, always materialised (4D bool)."""
@@ -306,8 +319,8 @@ def _attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if layer.variant is None:  # a layer without RoPE
         out = sdpa(query, key, value, mask, scaling, softcap)
     else:
-        tables = _tables(state, layer, position_ids, attention_mask, q_pos, mask, S)
-        out = layer.variant.attend(query, key, value, tables, mask, scale=scaling, softcap=softcap,
+        tables, causal = _tables(state, layer, position_ids, attention_mask, q_pos, mask, S)
+        out = layer.variant.attend(query, key, value, tables, None if causal else mask, scale=scaling, softcap=softcap,
                                    layout=state.architecture.layout)
     return out.transpose(1, 2).contiguous(), None
 
@@ -320,8 +333,9 @@ def _tables(state: _Patch, layer: _Layer, position_ids, attention_mask, q_pos, m
     if cached is not None and cached[0][0] is key[0] and cached[0][1] is key[1] and cached[0][2] == key[2]:
         return cached[1]
     tables = layer.variant.tables(_rope_on(state, q_pos.device), q_pos, key_positions(q_pos, mask, num_keys))
-    state.tables[layer.kind] = (key, tables)
-    return tables
+    causal = mask is None or is_causal_by_slot(mask)  # then the variant's fused path may run
+    state.tables[layer.kind] = (key, (tables, causal))
+    return tables, causal
 
 
 _registered = False

@@ -149,16 +149,18 @@ class VariantHook(EngineAttention):
         self.name = variant.name
 
     def prepare(self, context: AttentionContext) -> None:
-        B = context.key_positions.shape[0]
-        q_pos = context.positions.expand(B, -1)  # [B, T]
-        context.extra["tables"] = self.variant.tables(context.rope, q_pos, context.all_key_positions())
+        # the queries' positions with -1 at padding, like the keys': a variant made of parts reads the
+        # padding from them (then the mask is not needed: build_mask is causality by slot and padding)
+        context.extra["tables"] = self.variant.tables(context.rope, context.key_positions,
+                                                      context.all_key_positions())
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                context: AttentionContext) -> torch.Tensor:
         if context.cache is not None:
             k, v = context.cache.update(layer_idx, k, v, context.key_positions,
                                         context.position_start)  # unrotated keys
-        return self.variant.attend(q, k, v, context.extra["tables"], context.mask)
+        mask = None if self.variant.padding_from_positions else context.mask
+        return self.variant.attend(q, k, v, context.extra["tables"], mask)
 
     def __repr__(self) -> str:
         return f"VariantHook({self.variant!r})"
