@@ -9,7 +9,7 @@ import torch
 from host_syncs import count_host_reads
 from tiny_llama import tiny_model
 
-from ropekit.attention import ConsistentDynamic, DualChunk, ReRope, SelfExtend
+from ropekit.attention import ConsistentDynamic, DualChunk, PartsVariant, ReRope, SelfExtend
 from ropekit.model import KVCache
 from ropekit.model.attention import patch
 from ropekit.rope import RopeConfig, RotaryEmbedding, rope_cos_sin
@@ -65,13 +65,18 @@ def test_length_dependent_forward_reads_its_length_once(spec):
 
 @pytest.mark.parametrize("variant", [SelfExtend(group=2, window=4), ReRope(window=4), ReRope(window=4, leak=2.0),
                                      DualChunk(chunk=12, local=4), ConsistentDynamic()])
-def test_variant_tables_read_nothing_back_for_a_fixed_length_rope(variant):
+def test_variant_tables_read_back_at_most_the_rows_layout(variant):
+    """Fixed-length rope: the frequencies need no read; a variant made of parts reads its rows' layout once
+    per forward (the fused path's rectangles are host integers), shared by every layer."""
     rope = RotaryEmbedding(RopeConfig(head_dim=16, max_position_embeddings=16).with_rope_type("yarn:factor=2"))
     q_pos = torch.arange(20, 26).expand(2, -1)
     k_pos = torch.cat([torch.full((2, 1), -1), torch.arange(26).expand(2, -1)], dim=1)  # a padding key first
     with count_host_reads() as reads:
-        variant.tables(rope, q_pos, k_pos)
-    assert not reads, f"{variant!r}: {dict(reads)}"
+        tables = variant.tables(rope, q_pos, k_pos)
+    expected = 1 if isinstance(variant, PartsVariant) else 0
+    assert sum(reads.values()) == expected, f"{variant!r}: {dict(reads)}"
+    if expected:
+        assert tables.groups is not None  # and the layout was understood: the fused path applies
 
 
 def test_variant_tables_use_the_fixed_frequencies():
@@ -80,7 +85,7 @@ def test_variant_tables_use_the_fixed_frequencies():
     q_pos, k_pos = torch.arange(20, 26)[None], torch.arange(26)[None]
     tables = SelfExtend(group=2, window=4).tables(rope, q_pos, k_pos)
     want = rope_cos_sin(rope.inv_freq, q_pos, rope.attention_factor)
-    torch.testing.assert_close(tables.q_near, want, rtol=0, atol=0)
+    torch.testing.assert_close(tables.parts[0].q_table, want, rtol=0, atol=0)
 
 
 def test_set_rope_at_run_time_serves_the_new_rope():

@@ -130,10 +130,13 @@ def consecutive_rows(q_pos: torch.Tensor, k_pos: torch.Tensor) -> list[RowGroup]
     slots = torch.arange(S, device=k_pos.device)
     k_start = k_pos.gather(1, k_first.clamp(max=S - 1)[:, None])[:, 0]
     expected_k = torch.where(slots[None] >= k_first[:, None], k_start[:, None] + slots[None] - k_first[:, None], -1)
-    if not (torch.equal(k_pos, expected_k) and torch.equal(q_pos, k_pos[:, S - T:])):
-        return None
+    qualifies = (k_pos == expected_k).all() & (q_pos == k_pos[:, S - T:]).all()
     q_first = (q_pos < 0).sum(dim=1)
-    layout = torch.stack([q_first, k_first, k_start]).T.tolist()  # one sync for every row
+    read = torch.cat([qualifies.long().view(1), torch.stack([q_first, k_first, k_start], dim=1).flatten()])
+    read = read.tolist()  # the one synchronisation
+    if not read[0]:
+        return None
+    layout = [read[1 + 3 * row: 4 + 3 * row] for row in range(B)]
     groups: dict[tuple[int, int, int], list[int]] = {}
     for row, (qf, kf, ks) in enumerate(layout):
         groups.setdefault((qf, kf, ks), []).append(row)
