@@ -2,7 +2,8 @@
 
 Each feature module exposes ``add_parsers(subparsers)``; each subcommand sets ``func`` to a
 handler ``(args) -> int``. Bad input (ValueError, FileNotFoundError) becomes a one-line
-message on stderr and exit code 2, never a traceback.
+message on stderr and exit code 2, never a traceback. A run stopped by ``--time-budget`` with cells
+left returns ``EXIT_TIME_BUDGET`` (3, see ``ropekit.cli.common``).
 """
 
 from __future__ import annotations

@@ -63,3 +63,41 @@ def check_runtime(args: argparse.Namespace) -> None:
 
         if importlib.util.find_spec("transformers") is None:
             raise ValueError("--backend transformers needs transformers: pip install 'ropekit[hf]'")
+
+
+# Exit status of a run that stopped on --time-budget with cells left (0: everything finished; 2: bad input;
+# 130/143: Ctrl-C/SIGTERM). Distinct from all of them so a script can tell "run the same command again"
+# from "done" and from "failed".
+EXIT_TIME_BUDGET = 3
+
+
+def add_time_budget(parser: argparse.ArgumentParser, what: str = "cell") -> None:
+    parser.add_argument("--time-budget", default=None, metavar="MINUTES",
+                        help=f"stop after the {what} that crosses MINUTES of wall time (loading included), keep every "
+                             f"finished record, print what is left and the command that resumes, exit "
+                             f"{EXIT_TIME_BUDGET} (0 when everything finished); default: no limit")
+
+
+def print_budget_stop(stop, budget, what: str = "cells", file=None) -> int:
+    """Say on ``file`` (stderr) that ``stop`` (a ``ropekit.eval.budget.BudgetSpent``) ended the run of ``budget``
+    (its ``TimeBudget``): what finished, every item left, and the command that resumes. Returns ``EXIT_TIME_BUDGET``."""
+    file = sys.stderr if file is None else file
+    print(f"\nstopped by --time-budget {budget.seconds / 60:g} after {stop.elapsed / 60:.1f} minutes: "
+          f"{len(stop.finished)} {what} finished, {len(stop.left)} left:", file=file)
+    for label in stop.left:
+        print(f"  {label}", file=file)
+    print("resume with the same command (finished ones are kept and skipped), from the same folder:", file=file)
+    print(f"  {command_line()}", file=file)
+    print(f"exit status {EXIT_TIME_BUDGET}: stopped by the time budget", file=file)
+    return EXIT_TIME_BUDGET
+
+
+def start_time_budget(args: argparse.Namespace, clock=None):
+    """The ``TimeBudget`` of ``--time-budget`` starting now on ``clock`` (``time.monotonic`` by default), or None
+    without the flag; ValueError (exit 2) for a value out of range, before anything is loaded."""
+    import time
+
+    from ropekit.eval.budget import TimeBudget, parse_time_budget
+
+    minutes = parse_time_budget(getattr(args, "time_budget", None))
+    return None if minutes is None else TimeBudget.from_now(minutes, time.monotonic if clock is None else clock)

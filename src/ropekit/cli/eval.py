@@ -3,6 +3,9 @@
 Both write ``DIR/results.json`` (a list of records, rewritten atomically after each finished
 cell, so an interrupted run resumes where it stopped), ``results.csv``, PNG plots and
 ``report.md``. A method is ``--method METHOD`` (repeatable), see ``ropekit.method``.
+``--time-budget MINUTES`` stops a sweep after the cell that crosses the budget: the outputs are
+written for the finished cells, the cells left and the resuming command are printed, and the
+exit status is ``EXIT_TIME_BUDGET`` (3) instead of 0.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from ropekit.cli.common import (
     add_progress,
     add_runtime,
     add_threads,
+    add_time_budget,
     apply_threads,
     check_runtime,
     command_line,
+    print_budget_stop,
+    start_time_budget,
 )
 
 MAX_TRIALS = 10_000  # seeded keys per cell; passkey protocols use 5-100
@@ -37,6 +43,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     add_runtime(p)
     add_threads(p)
     add_progress(p)
+    add_time_budget(p)
 
 
 def add_parsers(subparsers) -> None:
@@ -99,7 +106,9 @@ def load(args):
     return runner
 
 
-def run_perplexity(args) -> int:
+def run_perplexity(args, clock=None) -> int:
+    """``clock``: what ``--time-budget`` is measured on (``time.monotonic`` by default)."""
+    from ropekit.eval.budget import BudgetSpent
     from ropekit.eval.report import write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, check_max_tokens
@@ -107,6 +116,7 @@ def run_perplexity(args) -> int:
     from ropekit.eval.text import encode_text, load_text, text_name, text_sha256
 
     methods, lengths, out = setup(args)
+    budget = start_time_budget(args, clock)
     if not 1 <= args.segment < 2**31:
         raise ValueError(f"--segment must be in [1, 2**31), got {args.segment}")
     if args.max_tokens is not None:
@@ -116,17 +126,23 @@ def run_perplexity(args) -> int:
     runner = load(args)
     tokens = encode_text(runner.tokenizer, text)
     sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),
-                      show_progress=not args.no_progress, log=log)
-    records = sweeper.perplexity(tokens, methods, lengths, text=text_name(args.text), text_sha256=text_sha256(text),
-                                 protocol=args.protocol, stride=args.stride, windows=args.windows,
-                                 segment=args.segment, max_tokens=args.max_tokens)
+                      show_progress=not args.no_progress, log=log, budget=budget)
+    stop = None
+    try:
+        records = sweeper.perplexity(tokens, methods, lengths, text=text_name(args.text),
+                                     text_sha256=text_sha256(text), protocol=args.protocol, stride=args.stride,
+                                     windows=args.windows, segment=args.segment, max_tokens=args.max_tokens)
+    except BudgetSpent as spent:
+        stop, records = spent, spent.finished
     write_outputs(out, store.records, title="ropekit eval perplexity", command=command_line())
     print(perplexity_table(records))
     print(f"\nwrote {out}/results.json, results.csv, perplexity.png, report.md")
-    return 0
+    return 0 if stop is None else print_budget_stop(stop, budget)
 
 
-def run_passkey(args) -> int:
+def run_passkey(args, clock=None) -> int:
+    """``clock``: what ``--time-budget`` is measured on (``time.monotonic`` by default)."""
+    from ropekit.eval.budget import BudgetSpent
     from ropekit.eval.passkey import check_task
     from ropekit.eval.report import write_outputs
     from ropekit.eval.results import ResultStore
@@ -134,6 +150,7 @@ def run_passkey(args) -> int:
     from ropekit.eval.tables import passkey_table
 
     methods, lengths, out = setup(args)
+    budget = start_time_budget(args, clock)
     depths = parse_float_list(args.depths, "--depths")
     if not 1 <= args.trials <= MAX_TRIALS:
         raise ValueError(f"--trials must be in [1, {MAX_TRIALS}], got {args.trials}")
@@ -141,13 +158,17 @@ def run_passkey(args) -> int:
     store = ResultStore(out / "results.json")
     runner = load(args)
     sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),
-                      show_progress=not args.no_progress, log=log)
-    records = sweeper.passkey(methods, lengths, depths, trials=args.trials, seed=args.seed, keys=args.keys,
-                              jitter=args.jitter, share_prefix=not args.no_share_prefix)
+                      show_progress=not args.no_progress, log=log, budget=budget)
+    stop = None
+    try:
+        records = sweeper.passkey(methods, lengths, depths, trials=args.trials, seed=args.seed, keys=args.keys,
+                                  jitter=args.jitter, share_prefix=not args.no_share_prefix)
+    except BudgetSpent as spent:
+        stop, records = spent, spent.finished
     write_outputs(out, store.records, title="ropekit eval passkey", command=command_line())
     print(passkey_table(records))
     print(f"\nwrote {out}/results.json, results.csv, passkey.png, report.md")
-    return 0
+    return 0 if stop is None else print_budget_stop(stop, budget)
 
 
 def log(line: str) -> None:

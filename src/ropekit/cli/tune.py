@@ -3,7 +3,9 @@ check the winner (and the family's default from ``ropekit plan``) on a held-out 
 spec with its settings for every runtime.
 
 Writes ``DIR/results.json`` (every measurement, rewritten atomically after each one, so a rerun of the same
-command measures nothing twice) and ``DIR/tune.json`` (the summary ``--json`` prints).
+command measures nothing twice) and ``DIR/tune.json`` (the summary ``--json`` prints). ``--time-budget
+MINUTES`` stops after the measurement that crosses the budget, prints what is left and the resuming command
+(with ``--json``: as a JSON object) and exits with ``EXIT_TIME_BUDGET`` (3); tune.json is then not written.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ import sys
 from pathlib import Path
 
 from ropekit.cli.common import (
+    EXIT_TIME_BUDGET,
     add_model,
     add_progress,
     add_runtime,
     add_threads,
+    add_time_budget,
     apply_threads,
     check_runtime,
     command_line,
+    print_budget_stop,
+    start_time_budget,
 )
 
 # ropekit.eval.tune_grids.FAMILIES, named here so that --help imports no torch
@@ -52,6 +58,7 @@ def add_parsers(subparsers) -> None:
     add_runtime(p)
     add_threads(p)
     add_progress(p)
+    add_time_budget(p, what="measurement")
     p.set_defaults(func=run)
 
 
@@ -81,15 +88,18 @@ def settings_of(args: argparse.Namespace):
         trials=_integer(args.passkey_trials, "--passkey-trials")))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, clock=None) -> int:
+    """``clock``: what ``--time-budget`` is measured on (``time.monotonic`` by default)."""
     from ropekit.cli.convert import model_rope
     from ropekit.cli.eval import load, log
     from ropekit.convert import translate_all
+    from ropekit.eval.budget import BudgetSpent
     from ropekit.eval.results import ResultStore, write_json_atomic
     from ropekit.eval.text import encode_text, load_text, text_sha256
     from ropekit.eval.tune import Tuner, check_settings, deploy_base
 
     settings = settings_of(args)
+    budget = start_time_budget(args, clock)
     check_runtime(args)
     apply_threads(args)
     base, arch, _ = model_rope(args.model)  # the file's rope (metadata only): the trained length, the settings
@@ -100,8 +110,13 @@ def run(args: argparse.Namespace) -> int:
     runner = load(args)
     tokens = encode_text(runner.tokenizer, text)
     tuner = Tuner(runner, tokens, store, settings, model_name=str(args.model), text_sha256=text_sha256(text),
-                  show_progress=not args.no_progress, log=(lambda line: None) if args.json else log)
-    result = tuner.tune()
+                  show_progress=not args.no_progress, log=(lambda line: None) if args.json else log, budget=budget)
+    try:
+        result = tuner.tune()
+    except BudgetSpent as stop:
+        if args.json:
+            print(json.dumps(budget_stop_summary(stop), indent=1))
+        return print_budget_stop(stop, budget, what="measurements")
     summary = {"model": str(args.model), "command": command_line(), **result.as_dict()}
     deploy = deploy_base(settings.family, base, settings.target_length)
     summary["best"]["settings"] = dict(translate_all(result.best["method"], deploy, arch or "llama"))
@@ -112,6 +127,13 @@ def run(args: argparse.Namespace) -> int:
     print_summary(summary)
     print(f"\nwrote {out}/results.json, tune.json", file=sys.stderr)
     return 0
+
+
+def budget_stop_summary(stop) -> dict:
+    """What ``--json`` prints when ``stop`` (a ``BudgetSpent``) ended the run: the measurements finished and
+    left, and the command that resumes."""
+    return {"stopped_by": "time-budget", "exit_status": EXIT_TIME_BUDGET, "elapsed_s": round(stop.elapsed, 1),
+            "finished": len(stop.finished), "left": stop.left, "resume": command_line()}
 
 
 def print_summary(summary: dict) -> None:

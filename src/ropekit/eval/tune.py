@@ -16,6 +16,8 @@ For a model trained on L tokens and a target of N tokens (s = N / L):
   plan's YaRN frequencies written as LongRoPE factors.
 - **Records.** Every measurement is a ``ResultStore`` record (task ``tune``: spec, length, split, text
   hash or passkey set, model identity), so a rerun of the same command measures nothing twice.
+- **Time budget.** With a ``TimeBudget`` (``--time-budget``) no measurement starts once the budget is
+  spent: the run ends with ``BudgetSpent`` listing the measurements left, and the same command resumes.
 
 ``Tuner`` measures the candidates on a runner of ``ropekit.eval.runners`` and keeps the records.
 """
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ropekit.eval.budget import BudgetSpent, TimeBudget, budget_spent
 from ropekit.eval.longrope_search import evolve, format_factor, long_factors, longrope_spec
 from ropekit.eval.passkey import evaluate_passkey, passkey_prompt
 from ropekit.eval.perplexity import evaluate_perplexity
@@ -184,12 +187,15 @@ class Tuner:
 
     ``tokens``: the whole text (long ``[N_text]``); ``text_sha256`` identifies it in the records;
     ``identity``: the runner's (model file hash, dtype, device, backend), as ``Sweeper`` keys its cells.
+    ``budget``: with one, ``tune`` stops after the measurement that crosses it (``BudgetSpent``).
     """
 
     def __init__(self, runner, tokens: torch.Tensor, store: ResultStore, settings: TuneSettings, *,
                  model_name: str, text_sha256: str, show_progress: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, budget: TimeBudget | None = None):
         self.runner, self.tokens, self.store = runner, tokens, store
+        self.budget = budget
+        self.finished: list[dict] = []  # the records this run measured or reused, in order
         self.settings = check_settings(settings, runner.trained_length)
         self.model_name, self.text_sha256 = model_name, text_sha256
         self.show_progress, self.log = show_progress, log
@@ -221,12 +227,16 @@ class Tuner:
         done = self.store.find(cell)
         if done is not None:
             self.reused += 1
+            self.finished.append(done)
             return done
+        if budget_spent(self.budget, self.run):
+            raise BudgetSpent([_label(cell)], self.finished, self.budget.elapsed())  # tune() lists all that is left
         info = self.runner.use(cell["method"])
         done = {**cell, **info, "family": self.settings.family, "trained_length": self.trained, **compute(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.store.add(done)
         self.run += 1
+        self.finished.append(done)
         return done
 
     def _bar(self, passes: int, desc: str) -> Progress:
@@ -277,6 +287,31 @@ class Tuner:
             out["seconds"] = round(out.get("seconds", 0.0) + r["seconds"], 2)
         return out
 
+    # -- what a stopped run leaves -------------------------------------------------------------------------------
+
+    def _cells(self, spec: str, split: str) -> list[dict]:
+        """The measurement cells of ``spec`` on ``split`` that the objective needs."""
+        measures = ["ppl"] * self.settings.uses_ppl + ["passkey"] * self.settings.uses_passkey
+        return [self._cell(measure, spec, split) for measure in measures]
+
+    def search_left(self) -> list[str]:
+        """Labels of the measurements a search stopped by the budget has not run: the calibration
+        measurements not stored (for ``longrope``, whose next candidates depend on the scores, one label per
+        candidate still to draw), then the held-out check of the best and the default."""
+        s = self.settings
+        if s.family in GRIDS:
+            specs = order_candidates(GRIDS[s.family](self.base, s.target_length), s.budget, s.seed)
+            left = [_label(c) for spec in specs for c in self._cells(spec, "calibration") if self.store.find(c) is None]
+        else:
+            started = list(dict.fromkeys(r["method"] for r in self.finished if r["split"] == "calibration"))
+            left = [_label(c) for spec in started for c in self._cells(spec, "calibration")
+                    if self.store.find(c) is None]
+            left += [f"LongRoPE candidate {i} of {s.budget} (calibration; drawn from the scores before it)"
+                     for i in range(len(started) + 1, s.budget + 1)]
+        default_spec = plan_spec(s.family, self.base, s.target_length)
+        return left + ["held-out check of the best candidate (after the search)",
+                       f"held-out check of the default {short_spec(default_spec)} (unless it ranks best)"]
+
     # -- the search ---------------------------------------------------------------------------------------------
 
     def _evaluate(self, spec: str, index: int, measured: list[dict]) -> tuple:
@@ -318,15 +353,28 @@ class Tuner:
         self.log(f"tune {s.family} for {s.target_length} tokens (trained {self.trained}), objective {s.objective}, "
                  f"{s.budget} calibration evaluations; calibration tokens {self.windows.calibration[0]}-"
                  f"{self.windows.calibration[1]}, held-out {self.windows.held_out[0]}-{self.windows.held_out[1]}")
-        measured = self.search()
+        try:
+            measured = self.search()
+        except BudgetSpent:
+            raise BudgetSpent(self.search_left(), self.finished, self.budget.elapsed()) from None
         order = sorted(range(len(measured)), key=lambda i: (rank_key(s.objective, measured[i]["calibration"]), i))
         ranked = [{**measured[i], "rank": r} for r, i in enumerate(order, 1)]
         default_spec = plan_spec(s.family, self.base, s.target_length)
         (default_entry,) = [m for m in measured if m["method"] == default_spec]
         best = {"method": ranked[0]["method"], "calibration": dict(ranked[0]["calibration"])}
         default = {"method": default_spec, "calibration": dict(default_entry["calibration"])}
-        self.held_out_check(best, default)
+        try:
+            self.held_out_check(best, default)
+        except BudgetSpent:
+            left = [_label(c) for c in self._cells(best["method"], "held-out") + self._cells(default_spec, "held-out")
+                    if self.store.find(c) is None]
+            raise BudgetSpent(list(dict.fromkeys(left)), self.finished, self.budget.elapsed()) from None
         return TuneResult(s, self.trained, self.windows, ranked, best, default, self.run, self.reused)
+
+
+def _label(cell: dict) -> str:
+    """One measurement cell in a list of what is left: ``ppl yarn:factor=2 (calibration)``."""
+    return f"{cell['measure']} {short_spec(cell['method'])} ({cell['split']})"
 
 
 def describe(metrics: dict) -> str:
