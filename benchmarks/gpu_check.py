@@ -369,7 +369,11 @@ def junit_counts(path: Path) -> tuple[dict[str, int], list[dict]]:
         kind = {"failure": "failed", "error": "errors", "skipped": "skipped"}[outcome.tag]
         counts[kind] += 1
         if kind != "skipped":
-            message = " ".join((outcome.get("message") or outcome.text or "").split())[:300]
+            lines = [line.strip() for line in (outcome.text or "").splitlines() if line.strip()]
+            message = outcome.get("message") or ""
+            if lines and message in ("", "collection failure"):  # the cause is the traceback's last line
+                message = f"{message}: {lines[-1]}".lstrip(": ")
+            message = " ".join(message.split())[:300]
             failures.append({"test": name, "outcome": kind, "message": message})
     return counts, failures
 
@@ -383,8 +387,9 @@ def section_tests(args, ctx: dict, deadline: float) -> dict:
     junit = Path(args.out).with_suffix(".junit.xml")
     extra = [str(REPO / "src"), *(p for p in sys.path if p == str(ctx["site"]))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([*extra, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--junitxml", str(junit),
-               *(str(f) for f in files)]
+    flags = ["-S"] if sys.flags.no_site else []  # the child sees the packages this run sees
+    command = [sys.executable, *flags, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+               "--continue-on-collection-errors", "--junitxml", str(junit), *(str(f) for f in files)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
