@@ -517,6 +517,8 @@ class LayerBench:
         except torch.cuda.OutOfMemoryError as err:
             torch.cuda.empty_cache()
             return row | {"skipped": f"out of memory: {one_line(err)[:160]}"}
+        except Exception as err:  # a row that fails is a finding: record it, time the others
+            return row | {"error": one_line(err)}
         self.per_call[name] = (T, ms / 1e3)
         return row | {"ms": round(ms, 2), "repeats": n, "tokens_per_s": round(T / (ms / 1e3)),
                       "peak_mib": peak, "peak_extra_mib": None if peak is None else round(peak - base / MIB, 1)}
@@ -580,7 +582,7 @@ def section_layer(args, ctx: dict, deadline: float) -> dict:
                 f"(goal: variant >= {LAYER_GOAL} of plain throughput)",
                 ["tokens", "method", "path", "ms", "peak MiB", "x plain", "note"],
                 [[r["tokens"], r["name"], r.get("path", "-"), fmt(r.get("ms")), fmt(r.get("peak_mib")),
-                  fmt(r.get("throughput_vs_plain")), r.get("skipped", "")[:70]] for r in rows])
+                  fmt(r.get("throughput_vs_plain")), (r.get("skipped") or r.get("error") or "")[:70]] for r in rows])
     return {"status": "partial" if bench.partial else "done", "trained_length": trained, "goal": LAYER_GOAL,
             "attend_takes_backend": has_backend, "rows": rows}
 
@@ -651,8 +653,12 @@ def section_perplexity(args, ctx: dict, deadline: float) -> dict:
             rows.append({"method": method, "skipped": "section time spent"})
             status = "partial"
             continue
-        runner.use(method)
-        result = evaluate_perplexity(runner, tokens, length, trained=runner.trained_length, protocol="single")
+        try:
+            runner.use(method)
+            result = evaluate_perplexity(runner, tokens, length, trained=runner.trained_length, protocol="single")
+        except Exception as err:  # a method that fails is a finding: record it, run the others
+            rows.append({"method": method, "error": one_line(err)})
+            continue
         row = {"method": method, "length": length, "ppl": result["ppl"], "ppl_in_window": result["ppl_in_window"],
                "ppl_beyond": result["ppl_beyond"], "seconds": result["seconds"]}
         reference = reference_record(records, method, length, runner.model_id, text_sha)
@@ -678,6 +684,13 @@ def passkey_specs(trained: int, factor: int) -> list[str]:
 def passkey_length(trained: int, factor: int) -> int:
     """32,000 tokens at 4 x 8192 (the lab's 32K prompts), leaving room for the answer inside f x L."""
     return factor * trained * 125 // 128
+
+
+def cell_mark(cell: dict) -> str:
+    """A passkey cell in the table: correct/trials, "error", or "-" when skipped."""
+    if "correct" in cell:
+        return f"{cell['correct']}/{cell['trials']}"
+    return "error" if "error" in cell else "-"
 
 
 def section_passkey(args, ctx: dict, deadline: float) -> dict:
@@ -709,7 +722,11 @@ def section_passkey(args, ctx: dict, deadline: float) -> dict:
                     cells.append(cell | {"skipped": "time spent"})
                     status = "partial"
                     continue
-                result = evaluate_passkey(runner, runner.tokenizer, length, depth, trials, PASSKEY_SEED)
+                try:
+                    result = evaluate_passkey(runner, runner.tokenizer, length, depth, trials, PASSKEY_SEED)
+                except Exception as err:  # a cell that fails is a finding: record it, run the others
+                    cells.append(cell | {"error": one_line(err)})
+                    continue
                 last[family] = (length, result["seconds"])
                 cells.append(cell | {"correct": result["correct"], "accuracy": result["accuracy"],
                                      "prompt_tokens": result["prompt_tokens"], "seconds": result["seconds"],
@@ -722,8 +739,7 @@ def section_passkey(args, ctx: dict, deadline: float) -> dict:
             mine = [c for c in cells if c["method"] == method and c["length"] == length]
             run = [c for c in mine if "correct" in c]
             summary.append({"method": method, "length": length,
-                            "by_depth": {str(c["depth"]): (f"{c['correct']}/{c['trials']}" if "correct" in c else "-")
-                                         for c in mine},
+                            "by_depth": {str(c["depth"]): cell_mark(c) for c in mine},
                             "correct": sum(c["correct"] for c in run), "trials": sum(c["trials"] for c in run),
                             "seconds": round(sum(c["seconds"] for c in run), 1)})
     print_table(f"Passkey, {trials} trials per depth, seed {PASSKEY_SEED}, float32 on {ctx['device'].type}",
