@@ -244,3 +244,30 @@ def test_cuda_fused_equals_the_reference_path(name, case):
     got = variant.attend(q, k, v, tables)
     real = (q_pos >= 0)[:, None, :, None]
     torch.testing.assert_close(got.float() * real, expected * real, atol=3e-2, rtol=0)  # bf16 rounding
+
+
+@pytest.mark.parametrize("spec", ["self-extend:group=2,window=4", "dca:chunk=10,local=3", "leaky-rerope:window=4,k=2"])
+def test_the_cache_keeps_each_rotated_key_once_and_forks_copy_them(spec):
+    """Decoding with a cache rotates each key once per key rotation (kept beside the keys): logits equal the
+    full recomputation step by step, from the cache and from a fork of it, and every layer's store ends
+    filled to the cache's length."""
+    from tiny_llama import tiny_model
+
+    from ropekit.model import patch
+
+    model = patch(tiny_model(max_position_embeddings=16), spec)
+    ids = torch.randint(0, 200, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(1, 40)
+        model(ids[:, :20], cache=cache)
+        fork = cache.fork()
+        for source in (cache, fork):
+            for t in range(20, 30):
+                step = model(ids[:, t:t + 1], cache=source)
+                torch.testing.assert_close(step[:, -1], full[:, t], atol=1e-4, rtol=0)  # float32, other sum orders
+    for source in (cache, fork):
+        (buffers, filled), = source._derived.values()
+        assert filled == [30] * model.config.num_hidden_layers
+    cache.reset()
+    assert not cache._derived

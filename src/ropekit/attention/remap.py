@@ -64,30 +64,48 @@ class PartsVariant(AttentionVariant):
         return PartsTables(q_pos=q_pos, k_pos=k_pos, parts=self.parts(rope, q_pos, k_pos, inv_freq, factor),
                            q_scale=self.query_scale(q_pos, rope), groups=consecutive_rows(q_pos, k_pos))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: PartsTables,
+    @staticmethod
+    def key_tables(tables: PartsTables) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The distinct key rotations of the parts, in order (parts may share one: DCA's three do)."""
+        distinct: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for part in tables.parts:
+            distinct.setdefault(id(part.k_table[0]), part.k_table)
+        return list(distinct.values())
+
+    def rotate_keys(self, k: torch.Tensor, tables: PartsTables, layout: str = "half", dtype: torch.dtype | None = None,
+                    start: int = 0) -> list[torch.Tensor]:
+        """k ``[B, Hkv, n, D]`` (unrotated, the keys of slots ``start..start+n-1``) rotated by each of
+        ``key_tables(tables)``, rounded once to ``dtype`` (default k's)."""
+        end = start + k.shape[2]
+        return [apply_rotary(k, cos[:, start:end], sin[:, start:end], layout=layout).to(dtype or k.dtype)
+                for cos, sin in self.key_tables(tables)]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, tables: PartsTables,
                mask: torch.Tensor | None = None, scale: float | None = None, softcap: float | None = None,
-               layout: str = "half", backend: str | None = None) -> torch.Tensor:
+               layout: str = "half", backend: str | None = None,
+               rotated_keys: list[torch.Tensor] | None = None) -> torch.Tensor:
         """q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]`` unrotated -> ``[B, H, T, D]``.
 
         ``backend``: None picks the fused engine where it applies (no mask, no softcap, rows of
         consecutive slots) and the reference path elsewhere; "reference" forces the reference path; an
         ``attention_lse`` backend name ("cpu-flash", "cuda-varlen", "emulated-varlen", "torch") forces
-        the fused engine with that op (ValueError where the rows do not allow it).
+        the fused engine with that op (ValueError where the rows do not allow it). ``rotated_keys``: the
+        keys already rotated (``rotate_keys`` of all S of them, e.g. kept in a KV cache); then k is unused.
         """
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
         if tables.q_scale is not None:
             q = q * tables.q_scale[:, None, :, None].to(q.dtype)
-        rotated: dict[int, torch.Tensor] = {}
-
-        def rotate(x, table):  # float32 angles; rounded once, to the cache's dtype (q may come in float32)
-            key = (id(x), id(table[0]))
-            if key not in rotated:
-                rotated[key] = apply_rotary(x, *table, layout=layout).to(v.dtype)
-            return rotated[key]
-
-        qs = [rotate(q, part.q_table) for part in tables.parts]
-        ks = [rotate(k, part.k_table) for part in tables.parts]
+        if rotated_keys is None:
+            rotated_keys = self.rotate_keys(k, tables, layout, v.dtype)
+        by_table = {id(table[0]): keys for table, keys in zip(self.key_tables(tables), rotated_keys, strict=True)}
+        queries: dict[int, torch.Tensor] = {}
+        qs = []
+        for part in tables.parts:  # float32 angles; rounded once, to the cache's dtype (q may come in float32)
+            if id(part.q_table[0]) not in queries:
+                queries[id(part.q_table[0])] = apply_rotary(q, *part.q_table, layout=layout).to(v.dtype)
+            qs.append(queries[id(part.q_table[0])])
+        ks = [by_table[id(part.k_table[0])] for part in tables.parts]
         coverages = [part.coverage for part in tables.parts]
         fusable = mask is None and not softcap and tables.groups is not None
         if backend == "reference" or (backend is None and not fusable):

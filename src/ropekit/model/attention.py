@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ropekit.attention import AttentionVariant, sdpa
+from ropekit.attention import AttentionVariant, PartsVariant, sdpa
 from ropekit.dispatch import Recording
 from ropekit.method import Method, parse_method
 from ropekit.model.kv_cache import KVCache
@@ -156,11 +156,31 @@ class VariantHook(EngineAttention):
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                context: AttentionContext) -> torch.Tensor:
-        if context.cache is not None:
-            k, v = context.cache.update(layer_idx, k, v, context.key_positions,
-                                        context.position_start)  # unrotated keys
+        cache, tables = context.cache, context.extra["tables"]
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v, context.key_positions, context.position_start)  # unrotated keys
         mask = None if self.variant.padding_from_positions else context.mask
-        return self.variant.attend(q, k, v, context.extra["tables"], mask)
+        if cache is not None and isinstance(self.variant, PartsVariant) and not context.rope.config.is_dynamic:
+            # a fixed-length rope turns each key the same way at every pass: keep the rotated keys in the
+            # cache and rotate only the new ones (each part's key position depends on the key's own alone)
+            return self.variant.attend(q, None, v, tables, mask, rotated_keys=self._rotated_keys(layer_idx, k, v,
+                                                                                                 context))
+        return self.variant.attend(q, k, v, tables, mask)
+
+    def _rotated_keys(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+                      context: AttentionContext) -> list[torch.Tensor]:
+        """Every cached key rotated by each of the variant's key rotations ``[B, Hkv, S, D]``, from the cache's
+        store of them (named by the variant and the rope, so a patch starts a new one); new slots rotated now."""
+        tables, S = context.extra["tables"], k.shape[2]
+        names = self.variant.key_tables(tables)
+        name = f"{self.variant!r}|{context.rope.config!r}"
+        buffers, filled = context.cache.derived_keys(name, len(names), layer_idx)
+        if filled < S:
+            fresh = self.variant.rotate_keys(k[:, :, filled:S], tables, dtype=v.dtype, start=filled)
+            for buffer, rotated in zip(buffers, fresh, strict=True):
+                buffer[:, :, filled:S] = rotated
+            context.cache.set_derived_fill(name, layer_idx, S)
+        return [buffer[:, :, :S] for buffer in buffers]
 
     def __repr__(self) -> str:
         return f"VariantHook({self.variant!r})"

@@ -45,6 +45,24 @@ class KVCache:
         self.padded = False  # whether a padding slot (position -1) was ever written since the last reset
         self._last_position = -1  # one-sequence caches: the largest position written (Python int)
         self._position_end = 0  # every position written so far is below this (Python int)
+        # keys kept in other forms (an attention variant's rotations), by name: (buffers, filled slots per layer)
+        self._derived: dict[str, tuple[list[torch.Tensor], list[int]]] = {}
+
+    def derived_keys(self, name: str, count: int, layer_idx: int) -> tuple[list[torch.Tensor], int]:
+        """``count`` buffers of layer ``layer_idx`` kept under ``name`` beside the keys (each ``[B, Hkv, S_max,
+        D]``, the cache's dtype; allocated on first use) and how many of their first slots are written
+        (``set_derived_fill``). An attention variant keeps its rotated keys here, so each key is rotated once.
+        Forks copy them; ``reset`` drops them."""
+        if name not in self._derived:
+            check_fits(f"{count} rotated copies of the KV cache's keys", count * self.keys.numel()
+                       * self.keys.element_size())
+            self._derived[name] = ([torch.zeros_like(self.keys) for _ in range(count)], [0] * len(self._fill))
+        buffers, fill = self._derived[name]
+        return [b[layer_idx] for b in buffers], fill[layer_idx]
+
+    def set_derived_fill(self, name: str, layer_idx: int, filled: int) -> None:
+        """The derived buffers ``name`` of layer ``layer_idx`` hold their first ``filled`` slots."""
+        self._derived[name][1][layer_idx] = filled
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
@@ -187,10 +205,16 @@ class KVCache:
         new.key_positions[:, :n] = self.key_positions[:, :n]
         new._fill = [n] * L
         new.padded, new._last_position, new._position_end = self.padded, self._last_position, self._position_end
+        for name, (buffers, fill) in self._derived.items():
+            copies = [torch.zeros_like(new.keys) for _ in buffers]
+            for copy, buffer in zip(copies, buffers, strict=True):
+                copy[:, :, :, :n] = buffer[:, :, :, :n]
+            new._derived[name] = (copies, [min(f, n) for f in fill])
         return new
 
     def reset(self) -> None:
         """Forget everything (buffers stay allocated)."""
         self._fill = [0] * len(self._fill)
+        self._derived.clear()
         self.key_positions.fill_(-1)
         self.padded, self._last_position, self._position_end = False, -1, 0
