@@ -264,9 +264,11 @@ def test_a_failed_rewrite_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_plan_candidates_reach_the_target_and_say_what_they_change():
     candidates = plan_extension(BASE, 32768)
     families = [c.family for c in candidates]
-    assert {"linear", "ntk", "dynamic", "yarn", "llama3", "self-extend", "leaky-rerope"} <= set(families)
+    assert {"linear", "ntk", "dynamic", "yarn", "llama3", "self-extend", "leaky-rerope", "dca"} <= set(families)
     for c in candidates:
         assert c.reach >= 32768 and c.in_window
+    dca = next(c for c in candidates if c.family == "dca")
+    assert dca.method == "dca:chunk=6144,local=1024" and "within a chunk of 5120 tokens exact" in dca.in_window
     se = next(c for c in candidates if c.family == "self-extend")
     assert se.method == "self-extend:group=7,window=4096" and (8192 - 4096) * 7 + 4096 >= 32768
     linear = next(c for c in candidates if c.family == "linear")

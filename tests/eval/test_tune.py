@@ -240,6 +240,17 @@ def test_rank_key_orders_each_objective():
     assert sorted([c, a, b], key=lambda m: tune.rank_key("both", m)) == [b, c, a]  # NaN ppl counts as +inf
 
 
+def test_dca_grid_holds_chunk_and_local_pairs_with_the_plan_first():
+    L = BASE.original_max_position_embeddings
+    grid = grids.dca_grid(BASE, 4 * L)
+    assert grid[0] == f"dca:chunk={3 * L // 4},local={L // 8}"  # ChunkLlama's defaults
+    pairs = [vars(parse_method(spec).attention_params) for spec in grid]
+    assert len(set(grid)) == len(grid) == 12
+    assert all(p["chunk"] > p["local"] >= 1 for p in pairs)
+    assert {p["chunk"] for p in pairs} == {L // 2, 5 * L // 8, 3 * L // 4, 7 * L // 8}
+    assert {p["local"] for p in pairs} == {L // 16, L // 8, L // 4}
+
+
 def test_cli_family_list_is_the_eval_layers():
     from ropekit.cli import tune as cli_tune
 
@@ -283,7 +294,7 @@ def test_cli_tune_runs_each_family_and_reports_true_numbers(family, tiny_gguf, t
     assert set(settings) == {"hf", "hf-legacy", "gguf", "llama.cpp", "vllm"}
     if family == "self-extend":
         assert "--grp-attn-n" in settings["llama.cpp"] and settings["vllm"].startswith("cannot:")
-    if family == "leaky-rerope":
+    if family in ("leaky-rerope", "dca"):
         assert all(v.startswith("cannot:") for v in settings.values())
     if family == "yarn":
         assert '"rope_type": "yarn"' in settings["vllm"]

@@ -30,7 +30,7 @@ from ropekit.cli.common import (
 )
 
 # ropekit.eval.tune_grids.FAMILIES, named here so that --help imports no torch
-FAMILIES = ("yarn", "self-extend", "leaky-rerope", "longrope")
+FAMILIES = ("yarn", "self-extend", "leaky-rerope", "longrope", "dca")
 
 
 def add_parsers(subparsers) -> None:

@@ -10,7 +10,8 @@ For a model trained on L tokens whose own rope is ``base`` and a target of N tok
 - ``yarn``: factor s from L (pairs below the ramp interpolated, above kept, scores times mscale^2);
 - ``llama3``: factor s, low/high frequency factors 1 / 4, from L;
 - ``self-extend``: window W = L/2, group G = ceil((N - W) / (L - W)) (reach (L - W) * G + W >= N);
-- ``leaky-rerope``: window w = L/2, leak k = (N - w) / (L - 1 - w) (distance N maps to L - 1).
+- ``leaky-rerope``: window w = L/2, leak k = (N - w) / (L - 1 - w) (distance N maps to L - 1);
+- ``dca``: chunk size S = 3L/4, local window W = L/8 (ChunkLlama's defaults; any length).
 
 "What changes inside the trained window" comes from the frequencies (which pairs turn slower
 than the model's own, by how much, the attention temperature) or from the distance map (which
@@ -103,6 +104,15 @@ def plan_extension(base: RopeConfig, target_length: int) -> list[Candidate]:
                          int(window + (trained - 1 - window) * k),
                          f"distances below {window} exact; distance r >= {window} seen as "
                          f"{window} + (r - {window})/{k:g}"))
+    chunk, local = 3 * trained // 4, trained // 8  # ChunkLlama's defaults
+    if local >= 1:
+        span = chunk - local
+        out.append(Candidate("dca", f"dca:chunk={chunk},local={local}", target_length,
+                             f"distances within a chunk of {span} tokens exact; across chunk boundaries remapped "
+                             f"(a key one chunk back seen at most {chunk} away, older ones at "
+                             f"{min(2 * span - 1, chunk)} minus their place in their chunk)",
+                             ["reach unlimited: no distance exceeds the chunk size; ropekit only (no other runtime "
+                              "runs Dual Chunk Attention today)"]))
     for candidate in out:
         parse_method(candidate.method)  # every candidate is a valid method
     return out

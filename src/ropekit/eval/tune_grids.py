@@ -1,4 +1,4 @@
-"""The candidates of ``ropekit tune`` for the grid families (``yarn``, ``self-extend``, ``leaky-rerope``): a
+"""The candidates of ``ropekit tune`` for the grid families (``yarn``, ``self-extend``, ``leaky-rerope``, ``dca``): a
 small grid around ``plan_extension``'s parameters, the plan's spec first, the rest in an order drawn from the
 seed (``order_candidates``).
 
@@ -17,7 +17,7 @@ from ropekit.eval.longrope_search import default_longrope_spec, round_up
 from ropekit.method import parse_method
 from ropekit.rope import RopeConfig
 
-FAMILIES = ("yarn", "self-extend", "leaky-rerope", "longrope")
+FAMILIES = ("yarn", "self-extend", "leaky-rerope", "longrope", "dca")
 
 YARN_SCALES = (1.0, 1.25, 1.5, 2.0)  # factor = the plan's factor x these (rounded up to 3 decimals)
 YARN_BETAS = ((32.0, 1.0), (16.0, 1.0), (64.0, 1.0), (32.0, 2.0), (16.0, 2.0))  # (beta_fast, beta_slow); first: default
@@ -25,6 +25,8 @@ YARN_ATTENTION = (None, 1.0)  # None: YaRN's 0.1 ln(s) + 1; 1.0: no temperature
 WINDOW_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)  # neighbour windows W as fractions of L
 LEAK_SCALES = (1.0, 1.25, 1.5, 2.0)
 MIN_LEAK = 1.01  # a leak of 1 would be plain rope past the window
+DCA_CHUNKS = (1 / 2, 5 / 8, 3 / 4, 7 / 8)  # chunk sizes S as fractions of L
+DCA_LOCALS = (1 / 16, 1 / 8, 1 / 4)  # local windows W as fractions of L
 
 
 def plan_spec(family: str, base: RopeConfig, target_length: int) -> str:
@@ -84,8 +86,19 @@ def leaky_rerope_grid(base: RopeConfig, target_length: int) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def dca_grid(base: RopeConfig, target_length: int) -> list[str]:
+    """Dual Chunk Attention specs: chunk sizes S = L x ``DCA_CHUNKS`` and local windows W = L x ``DCA_LOCALS``
+    (S > W >= 1; every one reaches any length); the plan's spec (3L/4, L/8) first."""
+    trained = base.original_max_position_embeddings
+    out = [plan_spec("dca", base, target_length)]
+    for chunk in sorted({int(trained * f) for f in DCA_CHUNKS}):
+        out += [f"dca:chunk={chunk},local={local}" for local in sorted({int(trained * f) for f in DCA_LOCALS})
+                if chunk > local >= 1]
+    return list(dict.fromkeys(out))
+
+
 GRIDS: dict[str, Callable[[RopeConfig, int], list[str]]] = {
-    "yarn": yarn_grid, "self-extend": self_extend_grid, "leaky-rerope": leaky_rerope_grid}
+    "yarn": yarn_grid, "self-extend": self_extend_grid, "leaky-rerope": leaky_rerope_grid, "dca": dca_grid}
 
 
 def order_candidates(grid: Sequence[str], budget: int, seed: int) -> list[str]:
