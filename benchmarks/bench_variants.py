@@ -87,7 +87,7 @@ def print_table(report: dict) -> None:
     for r in report["rows"]:
         x = r.get("x_none") or {}
 
-        def ratio(key):
+        def ratio(key, x=x):
             return f"{x[key]:.2f}" if key in x else "-"
 
         print(f"{r['method']:<40}{r['tokens']:>7}{r['dtype']:>10}{r['threads']:>4}{r['prefill_s']:>11.2f}"
