@@ -16,8 +16,11 @@ from ropekit.cli.common import (
     add_model,
     add_progress,
     add_runtime,
+    add_shard,
     add_threads,
+    apply_shard,
     apply_threads,
+    check_extras,
     check_runtime,
     command_line,
 )
@@ -37,6 +40,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     add_runtime(p)
     add_threads(p)
     add_progress(p)
+    add_shard(p)
 
 
 def add_parsers(subparsers) -> None:
@@ -100,7 +104,6 @@ def load(args):
 
 
 def run_perplexity(args) -> int:
-    from ropekit.eval.report import write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, check_max_tokens
     from ropekit.eval.tables import perplexity_table
@@ -111,16 +114,17 @@ def run_perplexity(args) -> int:
         raise ValueError(f"--segment must be in [1, 2**31), got {args.segment}")
     if args.max_tokens is not None:
         check_max_tokens(args.max_tokens)  # before loading the model
+    shard, figures = apply_shard(args), check_extras(args)
     store = ResultStore(out / "results.json")
     text = load_text(args.text)
     runner = load(args)
     tokens = encode_text(runner.tokenizer, text)
     sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),
-                      show_progress=not args.no_progress, log=log)
+                      show_progress=not args.no_progress, log=log, shard=shard)
     records = sweeper.perplexity(tokens, methods, lengths, text=text_name(args.text), text_sha256=text_sha256(text),
                                  protocol=args.protocol, stride=args.stride, windows=args.windows,
                                  segment=args.segment, max_tokens=args.max_tokens)
-    write_outputs(out, store.records, title="ropekit eval perplexity", command=command_line())
+    write_reports(out, store, "ropekit eval perplexity", figures)
     print(perplexity_table(records))
     print(f"\nwrote {out}/results.json, results.csv, perplexity.png, report.md")
     return 0
@@ -128,7 +132,6 @@ def run_perplexity(args) -> int:
 
 def run_passkey(args) -> int:
     from ropekit.eval.passkey import check_task
-    from ropekit.eval.report import write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, parse_float_list
     from ropekit.eval.tables import passkey_table
@@ -138,16 +141,26 @@ def run_passkey(args) -> int:
     if not 1 <= args.trials <= MAX_TRIALS:
         raise ValueError(f"--trials must be in [1, {MAX_TRIALS}], got {args.trials}")
     check_task(args.keys, args.jitter)
+    shard, figures = apply_shard(args), check_extras(args)
     store = ResultStore(out / "results.json")
     runner = load(args)
     sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),
-                      show_progress=not args.no_progress, log=log)
+                      show_progress=not args.no_progress, log=log, shard=shard)
     records = sweeper.passkey(methods, lengths, depths, trials=args.trials, seed=args.seed, keys=args.keys,
                               jitter=args.jitter, share_prefix=not args.no_share_prefix)
-    write_outputs(out, store.records, title="ropekit eval passkey", command=command_line())
+    write_reports(out, store, "ropekit eval passkey", figures)
     print(passkey_table(records))
     print(f"\nwrote {out}/results.json, results.csv, passkey.png, report.md")
     return 0
+
+
+def write_reports(out: Path, store, title: str, figures: bool) -> None:
+    """results.csv, the figures and report.md from every record in the store (all shards' and earlier runs'),
+    under the store's lock so that two processes finishing together do not write the same files at once."""
+    from ropekit.eval.report import write_outputs
+
+    with store.locked():
+        write_outputs(out, store.reload(), title=title, command=command_line(), figures=figures)
 
 
 def log(line: str) -> None:

@@ -35,6 +35,7 @@ from ropekit.eval.longrope_search import evolve, format_factor, long_factors, lo
 from ropekit.eval.passkey import evaluate_passkey, passkey_prompt
 from ropekit.eval.perplexity import evaluate_perplexity
 from ropekit.eval.results import ResultStore
+from ropekit.eval.shard import Shard, mine
 from ropekit.eval.stats import wilson_interval
 from ropekit.eval.tune_grids import FAMILIES, GRIDS, order_candidates, plan_spec
 from ropekit.memory import check_fits, request_bytes
@@ -188,8 +189,11 @@ class Tuner:
 
     def __init__(self, runner, tokens: torch.Tensor, store: ResultStore, settings: TuneSettings, *,
                  model_name: str, text_sha256: str, show_progress: bool = True,
-                 log: Callable[[str], None] = print):
-        self.runner, self.tokens, self.store = runner, tokens, store
+                 log: Callable[[str], None] = print, shard: Shard | None = None):
+        if shard is not None and settings.family not in GRIDS:
+            raise ValueError(f"--shard: {settings.family}'s search is sequential (each step needs the last); shard "
+                             f"one of {', '.join(GRIDS)}, or run {settings.family} in one process")
+        self.runner, self.tokens, self.store, self.shard = runner, tokens, store, shard
         self.settings = check_settings(settings, runner.trained_length)
         self.model_name, self.text_sha256 = model_name, text_sha256
         self.show_progress, self.log = show_progress, log
@@ -217,11 +221,13 @@ class Tuner:
         seed = self.settings.seed + (HELD_OUT_SEED_OFFSET if split == "held-out" else 0)
         return {**cell, "depths": list(self.settings.depths), "trials": self.settings.trials, "seed": seed, "keys": 1}
 
-    def _stored(self, cell: dict, compute: Callable[[], dict]) -> dict:
+    def _stored(self, cell: dict, compute: Callable[[], dict], run: bool = True) -> dict | None:
         done = self.store.find(cell)
         if done is not None:
             self.reused += 1
             return done
+        if not run:
+            return None
         info = self.runner.use(cell["method"])
         done = {**cell, **info, "family": self.settings.family, "trained_length": self.trained, **compute(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -232,8 +238,9 @@ class Tuner:
     def _bar(self, passes: int, desc: str) -> Progress:
         return Progress(passes * self.runner.num_layers, desc, enabled=self.show_progress, unit="layers")
 
-    def perplexity(self, spec: str, split: str) -> dict:
-        """Perplexity of the ``split`` window ("calibration" or "held-out") with ``spec`` (a stored record)."""
+    def perplexity(self, spec: str, split: str, run: bool = True) -> dict | None:
+        """Perplexity of the ``split`` window ("calibration" or "held-out") with ``spec`` (a stored record; None
+        when it is not stored and ``run`` is False)."""
         begin, end = self.windows.calibration if split == "calibration" else self.windows.held_out
 
         def compute() -> dict:
@@ -241,10 +248,11 @@ class Tuner:
                 return evaluate_perplexity(self.runner, self.tokens[begin:end], end - begin, trained=self.trained,
                                            progress=bar)
 
-        return self._stored(self._cell("ppl", spec, split), compute)
+        return self._stored(self._cell("ppl", spec, split), compute, run)
 
-    def passkey(self, spec: str, split: str) -> dict:
-        """Passkey accuracy at the target length over the ``split`` passkey set (a stored record)."""
+    def passkey(self, spec: str, split: str, run: bool = True) -> dict | None:
+        """Passkey accuracy at the target length over the ``split`` passkey set (a stored record; None when it is
+        not stored and ``run`` is False)."""
         cell = self._cell("passkey", spec, split)
 
         def compute() -> dict:
@@ -263,37 +271,56 @@ class Tuner:
                     "accuracy_ci95": [round(low, 4), round(high, 4)], "per_depth": per_depth,
                     "seconds": round(time.perf_counter() - start, 2)}
 
-        return self._stored(cell, compute)
+        return self._stored(cell, compute, run)
 
-    def measure(self, spec: str, split: str) -> dict:
-        """The objective's numbers for ``spec`` on ``split``: perplexity and/or passkey fields, merged."""
+    def measure(self, spec: str, split: str, run: bool = True) -> dict | None:
+        """The objective's numbers for ``spec`` on ``split``: perplexity and/or passkey fields, merged; None when a
+        measurement is not stored and ``run`` is False (a candidate of another shard, not finished yet)."""
         out: dict[str, Any] = {}
         if self.settings.uses_ppl:
-            r = self.perplexity(spec, split)
+            r = self.perplexity(spec, split, run)
+            if r is None:
+                return None
             out |= {k: r[k] for k in ("ppl", "ppl_in_window", "ppl_beyond")} | {"seconds": r["seconds"]}
         if self.settings.uses_passkey:
-            r = self.passkey(spec, split)
+            r = self.passkey(spec, split, run)
+            if r is None:
+                return None
             out |= {k: r[k] for k in ("accuracy", "correct", "prompts", "accuracy_ci95")}
             out["seconds"] = round(out.get("seconds", 0.0) + r["seconds"], 2)
         return out
 
     # -- the search ---------------------------------------------------------------------------------------------
 
-    def _evaluate(self, spec: str, index: int, measured: list[dict]) -> tuple:
-        metrics = self.measure(spec, "calibration")
+    def _evaluate(self, spec: str, index: int, measured: list[dict], run: bool = True) -> tuple | None:
+        metrics = self.measure(spec, "calibration", run)
+        if metrics is None:
+            self.log(f"  [{index}/{self.settings.budget}] {short_spec(spec):<62} (another shard's)")
+            return None
         measured.append({"method": spec, "calibration": metrics})
         key = rank_key(self.settings.objective, metrics)
         self.log(f"  [{index}/{self.settings.budget}] {short_spec(spec):<62} {describe(metrics)}")
         return key
 
-    def search(self) -> list[dict]:
-        """Every candidate measured on the calibration data, in evaluation order (``budget`` at most)."""
+    def search(self) -> list[dict] | None:
+        """Every candidate measured on the calibration data, in evaluation order (``budget`` at most). With a shard:
+        this process measures its share of the grid's candidates (the others are read from the store), and the
+        result is None while another shard's candidates are not all stored yet."""
         s, measured = self.settings, []
         if s.family in GRIDS:
-            grid = GRIDS[s.family](self.base, s.target_length)
-            for i, spec in enumerate(order_candidates(grid, s.budget, s.seed), 1):
-                self._evaluate(spec, i, measured)
-            return measured
+            candidates = order_candidates(GRIDS[s.family](self.base, s.target_length), s.budget, s.seed)
+            ours = mine([self._cell(s.objective if s.objective != "both" else "passkey", spec, "calibration")
+                         for spec in candidates], self.shard)
+            for i, (spec, run) in enumerate(zip(candidates, ours, strict=True), 1):
+                self._evaluate(spec, i, measured, run)
+            if len(measured) < len(candidates):
+                self.store.reload()  # the other shards may have finished meanwhile
+                found = {m["method"]: m for m in measured}
+                for spec in candidates:
+                    if spec not in found and (metrics := self.measure(spec, "calibration", run=False)) is not None:
+                        found[spec] = {"method": spec, "calibration": metrics}
+                measured = [found[spec] for spec in candidates if spec in found]
+            return measured if len(measured) == len(candidates) else None
         evolve(self.base, s.target_length, s.budget, s.seed,
                lambda factors: self._evaluate(longrope_spec(factors, self.base, s.target_length),
                                               len(measured) + 1, measured))
@@ -311,14 +338,17 @@ class Tuner:
         default["held_out"] = self.measure(default["method"], "held-out")
         self.log(f"  {short_spec(default['method']):<70} {describe(default['held_out'])}")
 
-    def tune(self) -> TuneResult:
+    def tune(self) -> TuneResult | None:
         """Search, rank, and measure the best and the default on the held-out data. The default (the plan's
-        spec) is always the first candidate measured."""
+        spec) is always the first candidate measured. None: a shard's candidates are measured and stored, other
+        shards' are not all finished (the last shard to finish, or a rerun without a shard, completes the run)."""
         s = self.settings
         self.log(f"tune {s.family} for {s.target_length} tokens (trained {self.trained}), objective {s.objective}, "
                  f"{s.budget} calibration evaluations; calibration tokens {self.windows.calibration[0]}-"
                  f"{self.windows.calibration[1]}, held-out {self.windows.held_out[0]}-{self.windows.held_out[1]}")
         measured = self.search()
+        if measured is None:
+            return None
         order = sorted(range(len(measured)), key=lambda i: (rank_key(s.objective, measured[i]["calibration"]), i))
         ranked = [{**measured[i], "rank": r} for r, i in enumerate(order, 1)]
         default_spec = plan_spec(s.family, self.base, s.target_length)
