@@ -92,7 +92,8 @@ def test_sharded_sweeps_into_one_store_equal_one_sweep(tmp_path):
 
 
 def _ropekit(args: list[str], threads: int, **env: str) -> subprocess.Popen:
-    inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    inherited = {k: v for k, v in os.environ.items() if k not in launcher}
     environ = {**inherited, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": str(threads), **env}
     return subprocess.Popen([sys.executable, "-m", "ropekit", *args, "--threads", str(threads), "--no-progress"],
                             env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
