@@ -147,7 +147,7 @@ def run(args) -> int:
              f"of the given length from the start of the text, every token scored. Total time "
              f"{time.perf_counter() - start:.0f} s."]
     with store.locked():  # every shard's finished cells of the plan, drawn by one process at a time
-        store.reload()
+        store.write_index()
         records = [r for r in map(store.find, planned) if r is not None]
         files = write_outputs(out, records, title="ropekit compare: context extension past the trained length",
                               command=command_line(), notes=notes, figures=figures)

@@ -160,7 +160,7 @@ def write_reports(out: Path, store, title: str, figures: bool) -> None:
     from ropekit.eval.report import write_outputs
 
     with store.locked():
-        write_outputs(out, store.reload(), title=title, command=command_line(), figures=figures)
+        write_outputs(out, store.write_index(), title=title, command=command_line(), figures=figures)
 
 
 def log(line: str) -> None:

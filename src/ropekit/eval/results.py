@@ -10,10 +10,10 @@ unless they ran the same cell, and then either complete record is a correct one.
 
 ``results.json`` (a JSON list, the file users and reports read) is an index rebuilt from the record files
 (plus the records of an older ``results.json`` that had no record files) after every added record, under an
-exclusive ``flock`` on ``.results.json.lock``, written atomically the same way. Where the file system gives
+exclusive ``flock`` on ``results.records/.lock``, written atomically the same way. Where the file system gives
 no locks (an NFS mount with ``nolock``), two rebuilds can race and the index can miss a record for a
-moment; the record files stay complete and the next rebuild (every add, every store opened, every report
-written) restores it. A resumed or concurrent sweep skips every cell whose key is already stored.
+moment; the record files stay complete and the next rebuild (every add, every report written) restores
+it. A resumed or concurrent sweep skips every cell whose key is already stored.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class ResultStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.folder = self.path.with_name(self.path.stem + RECORDS_SUFFIX)
-        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
+        self.lock_path = self.folder / ".lock"  # in the records folder: the output folder gets no hidden file
         _check_writable(self.path)
         _check_writable(self.folder / "record.json")
         self.records: list[dict[str, Any]] = []
@@ -106,8 +106,13 @@ class ResultStore:
         name = record_name(record)
         write_json_atomic(self.folder / name, record)
         with self.locked():
-            self.reload()
-            write_json_atomic(self.path, self.records)
+            self.write_index()
+
+    def write_index(self) -> list[dict[str, Any]]:
+        """Read every record again and rewrite the index from them, atomically; the records. Call it inside
+        ``locked``, so that two rebuilds never race."""
+        write_json_atomic(self.path, self.reload())
+        return self.records
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
