@@ -126,7 +126,7 @@ def run_perplexity(args) -> int:
                                  segment=args.segment, max_tokens=args.max_tokens)
     write_reports(out, store, "ropekit eval perplexity", figures)
     print(perplexity_table(records))
-    print(f"\nwrote {out}/results.json, results.csv, perplexity.png, report.md")
+    print(f"\nwrote {out}/results.json, results.csv, {'perplexity.png, ' if figures else ''}report.md")
     return 0
 
 
@@ -150,7 +150,7 @@ def run_passkey(args) -> int:
                               jitter=args.jitter, share_prefix=not args.no_share_prefix)
     write_reports(out, store, "ropekit eval passkey", figures)
     print(passkey_table(records))
-    print(f"\nwrote {out}/results.json, results.csv, passkey.png, report.md")
+    print(f"\nwrote {out}/results.json, results.csv, {'passkey.png, ' if figures else ''}report.md")
     return 0
 
 
