@@ -8,9 +8,16 @@ writes nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from typing import TextIO
+
+
+def can_show_bar() -> bool:
+    """Whether a bar can be drawn: tqdm (the ``lab`` and ``models`` extras) is installed; without it progress is
+    plain lines."""
+    return importlib.util.find_spec("tqdm") is not None
 
 
 def _clock(seconds: float) -> str:

@@ -293,3 +293,70 @@ def test_the_documented_slice_commands_parse_and_validate():
         if args.eval_command == "passkey":
             parse_float_list(args.depths, "--depths")
             check_task(args.keys, args.jitter)
+
+
+# ---- a budget on a shard ---------------------------------------------------------------------------------------
+
+
+def test_a_budgeted_shard_stops_before_its_own_cells_only_and_the_shards_end_with_the_whole_grid(tmp_path):
+    from ropekit.eval.shard import Shard, mine
+
+    ids = torch.randint(0, 259, (200,), generator=torch.Generator().manual_seed(5))
+    quiet = {"model_name": "tiny", "show_progress": False, "log": lambda line: None}
+    clean = sw.Sweeper(tiny_model(max_position_embeddings=32), None, ResultStore(tmp_path / "clean.json"),
+                       **quiet).perplexity(ids, METHODS, LENGTHS, text="t")
+    labels = [f"{m} @ {n}" for m in METHODS for n in LENGTHS]
+    path = tmp_path / "results.json"
+    for index in range(2):  # shard 1/2 in one-cell slices until its share is done, then shard 2/2
+        shard = Shard(index, 2)
+        sweeper = sw.Sweeper(tiny_model(max_position_embeddings=32), None, ResultStore(path), **quiet)
+        own = [label for label, ours in zip(labels, mine(sweeper.perplexity_cells(METHODS, LENGTHS, text="t"), shard),
+                                            strict=True) if ours]
+        lefts = []
+        for _ in range(len(labels)):
+            sweeper = sw.Sweeper(tiny_model(max_position_embeddings=32), None, ResultStore(path), shard=shard,
+                                 budget=TimeBudget.from_now(1, minute_clock()), **quiet)
+            try:
+                records = sweeper.perplexity(ids, METHODS, LENGTHS, text="t")
+            except BudgetSpent as stop:
+                lefts.append(stop.left)
+                continue
+            break
+        assert lefts == [own[i:] for i in range(1, len(own))]  # one of its own cells per slice, never another's
+    assert stable(records) == stable(clean)
+    assert stable(json.loads(path.read_text())) == stable(json.loads((tmp_path / "clean.json").read_text()))
+
+
+def test_cli_eval_shards_in_budgeted_slices_resume_with_their_shard(tiny_gguf, text_file, tmp_path, monkeypatch,
+                                                                     capsys):
+    flags, _ = EVAL_TASKS["perplexity"]
+    base = ["eval", "perplexity", "--model", str(tiny_gguf), *flags, "--text", str(text_file), "--no-progress",
+            "--threads", "1"]
+    assert main([*base, "--out", str(tmp_path / "whole")]) == 0
+    capsys.readouterr()
+    for k in (1, 2):  # each shard has 2 of the 4 cells: one slice stopped by the budget, then one that finishes
+        argv = [*base, "--out", str(tmp_path / "sliced"), "--shard", f"{k}/2", "--time-budget", "1"]
+        runs = slices_until_done(argv, monkeypatch, capsys)  # each resume command is the argv, --shard included
+        assert [code for code, _ in runs] == [EXIT_TIME_BUDGET, 0]
+        assert stop_message(runs[0][1])[0].endswith("1 left:")
+    assert stable(json.loads((tmp_path / "sliced" / "results.json").read_text())) == \
+        stable(json.loads((tmp_path / "whole" / "results.json").read_text()))
+
+
+def test_cli_tune_shards_with_a_budget_end_with_the_summary_of_one_run(tiny_gguf, text_file, tmp_path, monkeypatch,
+                                                                       capsys):
+    base = ["tune", "--model", str(tiny_gguf), "--text", str(text_file), *TUNE]
+    assert main([*base, "--out", str(tmp_path / "whole")]) == 0
+    capsys.readouterr()
+    for k in (1, 2):
+        argv = [*base, "--out", str(tmp_path / "sliced"), "--shard", f"{k}/2", "--time-budget", "1"]
+        runs = slices_until_done(argv, monkeypatch, capsys)
+        for _, err in runs[:-1]:
+            left = stop_message(err)[1:-3]
+            assert all(line.endswith(("(calibration)", "(held-out)")) or line.startswith("  held-out check")
+                       for line in left), err
+    whole = json.loads((tmp_path / "whole" / "tune.json").read_text())
+    sliced = json.loads((tmp_path / "sliced" / "tune.json").read_text())  # written by the last shard to finish
+    for summary in (whole, sliced):
+        del summary["command"], summary["evaluations"]
+    assert without_timings(sliced) == without_timings(whole)

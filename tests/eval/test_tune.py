@@ -402,3 +402,33 @@ def test_a_text_too_short_for_two_windows_is_one_line(tiny_gguf, tmp_path, capsy
                  "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "tuning at 64 needs 128" in err[-1] and err[-1].startswith("ropekit tune: error: ")
+
+
+def test_shards_measure_their_candidates_once_and_the_last_completes_the_run(tiny_gguf, text_file, tmp_path, capsys,
+                                                                              monkeypatch):
+    from ropekit.eval.text import encode_text, load_text
+    from ropekit.loading import load_tokenizer
+
+    calibration = encode_text(load_tokenizer(tiny_gguf), load_text(text_file))[:64]
+    argv = ["--model", tiny_gguf, "--target-length", 64, "--family", "yarn", "--text", text_file,
+            "--budget-evals", 4, "--threads", "1", "--no-progress"]
+    whole = run_json(capsys, *argv, "--out", tmp_path / "one")
+    seen = counting(monkeypatch)
+    assert main(["tune", *map(str, argv), "--out", str(tmp_path / "shared"), "--shard", "1/2"]) == 0
+    assert "shard 1/2: its candidates are measured" in capsys.readouterr().err  # the other shard's are not yet
+    first = sum(torch.equal(t, calibration) for t in seen)
+    seen.clear()
+    last = run_json(capsys, *argv, "--out", tmp_path / "shared", "--shard", "2/2")
+    assert first + sum(torch.equal(t, calibration) for t in seen) == 4  # every candidate measured once in all
+    assert 0 < first < 4
+    assert [(c["method"], c["rank"]) for c in last["candidates"]] == [(c["method"], c["rank"])
+                                                                       for c in whole["candidates"]]
+    assert [c["calibration"]["ppl_beyond"] for c in last["candidates"]] == \
+        pytest.approx([c["calibration"]["ppl_beyond"] for c in whole["candidates"]], rel=1e-6)
+    assert last["best"]["method"] == whole["best"]["method"]
+
+
+def test_longrope_refuses_a_shard(tiny_gguf, text_file, tmp_path, capsys):
+    assert main(["tune", "--model", str(tiny_gguf), "--target-length", "64", "--family", "longrope", "--text",
+                 str(text_file), "--out", str(tmp_path), "--shard", "1/2"]) == 2
+    assert "sequential" in capsys.readouterr().err

@@ -101,3 +101,41 @@ def start_time_budget(args: argparse.Namespace, clock=None):
 
     minutes = parse_time_budget(getattr(args, "time_budget", None))
     return None if minutes is None else TimeBudget.from_now(minutes, time.monotonic if clock is None else clock)
+
+
+def add_shard(parser: argparse.ArgumentParser) -> None:
+    """``--shard K/N``: this process runs its share of the cells (see ``ropekit.eval.shard``)."""
+    parser.add_argument("--shard", default=None, metavar="K/N",
+                        help="run shard K of N (1-based) of the cells, balanced by estimated cost, into a shared --out "
+                             "(default: RANK/WORLD_SIZE under torchrun or accelerate launch, else every cell); "
+                             "Slurm: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
+
+
+def apply_shard(args: argparse.Namespace):
+    """This process's ``Shard`` (``--shard``, else the launcher's variables; None: every cell), and ``--device cuda``
+    made ``cuda:LOCAL_RANK`` under a launcher. ValueError for a bad ``--shard`` or rank."""
+    from ropekit.eval.shard import resolve_shard, shard_device
+
+    shard = resolve_shard(getattr(args, "shard", None))
+    args.device = shard_device(args.device, shard)
+    if shard is not None:
+        print(f"shard {shard}: running its share of the cells", file=sys.stderr)
+    return shard
+
+
+def check_extras(args: argparse.Namespace) -> bool:
+    """Before the first cell: whether the figures can be drawn. A missing extra never stops a run: without
+    matplotlib the figures are skipped, without tqdm progress is plain lines; each says so in one warning line."""
+    import warnings
+
+    from ropekit.eval.report import can_draw
+    from ropekit.progress import can_show_bar
+
+    figures = can_draw()
+    if not figures:
+        warnings.warn("matplotlib is not installed: no figures (records, results.csv and report.md are written); "
+                      "pip install 'ropekit[lab]' to draw them", stacklevel=2)
+    if not getattr(args, "no_progress", True) and sys.stderr.isatty() and not can_show_bar():
+        warnings.warn("tqdm is not installed: progress as plain lines; pip install 'ropekit[lab]' for a bar",
+                      stacklevel=2)
+    return figures

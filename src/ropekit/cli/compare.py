@@ -19,8 +19,11 @@ from ropekit.cli.common import (
     add_model,
     add_progress,
     add_runtime,
+    add_shard,
     add_threads,
+    apply_shard,
     apply_threads,
+    check_extras,
     check_runtime,
     command_line,
 )
@@ -79,6 +82,7 @@ def add_parsers(subparsers) -> None:
     add_runtime(p)
     add_threads(p)
     add_progress(p)
+    add_shard(p)
     p.set_defaults(func=run)
 
 
@@ -116,6 +120,7 @@ def run(args) -> int:
     check_runtime(args)
     apply_threads(args)
     out = Path(args.out)
+    shard, figures = apply_shard(args), check_extras(args)
     store = ResultStore(out / "results.json")
     text = load_text(args.text)
     start = time.perf_counter()
@@ -130,20 +135,24 @@ def run(args) -> int:
                                              f"{len(passkey['lengths'])} lengths x {len(passkey['depths'])} "
                                              f"depths x {passkey['trials']} trials"), file=sys.stderr)
     sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),
-                      show_progress=not args.no_progress, log=log)
-    ppl = []
-    for spec, length in cells:
-        ppl += sweeper.perplexity(tokens, [spec], [length], text=text_name(args.text), text_sha256=text_sha256(text))
-    keys = []
+                      show_progress=not args.no_progress, log=log, shard=shard)
+    planned = [c for spec, length in cells for c in sweeper.perplexity_cells(
+        [spec], [length], text=text_name(args.text), text_sha256=text_sha256(text))]
     if with_passkey:
-        keys = sweeper.passkey(passkey["methods"], passkey["lengths"], passkey["depths"],
-                               trials=passkey["trials"], seed=0)
+        planned += sweeper.passkey_cells(passkey["methods"], passkey["lengths"], passkey["depths"],
+                                         trials=passkey["trials"], seed=0)
+    sweeper.run(planned, tokens=tokens)
     notes = [f"Model `{args.model}` on {args.backend} ({args.dtype}, {args.device}), trained context {trained} "
              f"tokens. Single-window perplexity: one window "
              f"of the given length from the start of the text, every token scored. Total time "
              f"{time.perf_counter() - start:.0f} s."]
-    files = write_outputs(out, ppl + keys, title="ropekit compare: context extension past the trained length",
-                          command=command_line(), notes=notes)
+    with store.locked():  # every shard's finished cells of the plan, drawn by one process at a time
+        store.write_index()
+        records = [r for r in map(store.find, planned) if r is not None]
+        files = write_outputs(out, records, title="ropekit compare: context extension past the trained length",
+                              command=command_line(), notes=notes, figures=figures)
+    ppl = [r for r in records if r["task"] == "perplexity"]
+    keys = [r for r in records if r["task"] == "passkey"]
     print(perplexity_table(ppl))
     if keys:
         print()

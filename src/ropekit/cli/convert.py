@@ -78,13 +78,13 @@ def model_rope(source: str):
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable JSON file ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    """A model folder's config.json; ValueError naming the file for any parse failure or a non-object."""
+    from ropekit.loading.checks import read_json_object
+
+    return read_json_object(Path(path), MAX_CONFIG_JSON_BYTES)
+
+
+MAX_CONFIG_JSON_BYTES = 16 << 20
 
 
 # ---- convert ------------------------------------------------------------------------------------

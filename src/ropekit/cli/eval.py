@@ -19,9 +19,12 @@ from ropekit.cli.common import (
     add_model,
     add_progress,
     add_runtime,
+    add_shard,
     add_threads,
     add_time_budget,
+    apply_shard,
     apply_threads,
+    check_extras,
     check_runtime,
     command_line,
     print_budget_stop,
@@ -44,6 +47,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     add_threads(p)
     add_progress(p)
     add_time_budget(p)
+    add_shard(p)
 
 
 def add_parsers(subparsers) -> None:
@@ -109,7 +113,6 @@ def load(args):
 def run_perplexity(args, clock=None) -> int:
     """``clock``: what ``--time-budget`` is measured on (``time.monotonic`` by default)."""
     from ropekit.eval.budget import BudgetSpent
-    from ropekit.eval.report import write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, check_max_tokens
     from ropekit.eval.tables import perplexity_table
@@ -121,12 +124,13 @@ def run_perplexity(args, clock=None) -> int:
         raise ValueError(f"--segment must be in [1, 2**31), got {args.segment}")
     if args.max_tokens is not None:
         check_max_tokens(args.max_tokens)  # before loading the model
+    shard, figures = apply_shard(args), check_extras(args)
     store = ResultStore(out / "results.json")
     text = load_text(args.text)
     runner = load(args)
     tokens = encode_text(runner.tokenizer, text)
     sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),
-                      show_progress=not args.no_progress, log=log, budget=budget)
+                      show_progress=not args.no_progress, log=log, budget=budget, shard=shard)
     stop = None
     try:
         records = sweeper.perplexity(tokens, methods, lengths, text=text_name(args.text),
@@ -134,9 +138,9 @@ def run_perplexity(args, clock=None) -> int:
                                      windows=args.windows, segment=args.segment, max_tokens=args.max_tokens)
     except BudgetSpent as spent:
         stop, records = spent, spent.finished
-    write_outputs(out, store.records, title="ropekit eval perplexity", command=command_line())
+    write_reports(out, store, "ropekit eval perplexity", figures)
     print(perplexity_table(records))
-    print(f"\nwrote {out}/results.json, results.csv, perplexity.png, report.md")
+    print(f"\nwrote {out}/results.json, results.csv, {'perplexity.png, ' if figures else ''}report.md")
     return 0 if stop is None else print_budget_stop(stop, budget)
 
 
@@ -144,7 +148,6 @@ def run_passkey(args, clock=None) -> int:
     """``clock``: what ``--time-budget`` is measured on (``time.monotonic`` by default)."""
     from ropekit.eval.budget import BudgetSpent
     from ropekit.eval.passkey import check_task
-    from ropekit.eval.report import write_outputs
     from ropekit.eval.results import ResultStore
     from ropekit.eval.sweep import Sweeper, parse_float_list
     from ropekit.eval.tables import passkey_table
@@ -155,20 +158,30 @@ def run_passkey(args, clock=None) -> int:
     if not 1 <= args.trials <= MAX_TRIALS:
         raise ValueError(f"--trials must be in [1, {MAX_TRIALS}], got {args.trials}")
     check_task(args.keys, args.jitter)
+    shard, figures = apply_shard(args), check_extras(args)
     store = ResultStore(out / "results.json")
     runner = load(args)
     sweeper = Sweeper(runner, runner.tokenizer, store, model_name=str(args.model),
-                      show_progress=not args.no_progress, log=log, budget=budget)
+                      show_progress=not args.no_progress, log=log, budget=budget, shard=shard)
     stop = None
     try:
         records = sweeper.passkey(methods, lengths, depths, trials=args.trials, seed=args.seed, keys=args.keys,
                                   jitter=args.jitter, share_prefix=not args.no_share_prefix)
     except BudgetSpent as spent:
         stop, records = spent, spent.finished
-    write_outputs(out, store.records, title="ropekit eval passkey", command=command_line())
+    write_reports(out, store, "ropekit eval passkey", figures)
     print(passkey_table(records))
-    print(f"\nwrote {out}/results.json, results.csv, passkey.png, report.md")
+    print(f"\nwrote {out}/results.json, results.csv, {'passkey.png, ' if figures else ''}report.md")
     return 0 if stop is None else print_budget_stop(stop, budget)
+
+
+def write_reports(out: Path, store, title: str, figures: bool) -> None:
+    """results.csv, the figures and report.md from every record in the store (all shards' and earlier runs'),
+    under the store's lock so that two processes finishing together do not write the same files at once."""
+    from ropekit.eval.report import write_outputs
+
+    with store.locked():
+        write_outputs(out, store.write_index(), title=title, command=command_line(), figures=figures)
 
 
 def log(line: str) -> None:

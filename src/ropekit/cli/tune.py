@@ -20,8 +20,10 @@ from ropekit.cli.common import (
     add_model,
     add_progress,
     add_runtime,
+    add_shard,
     add_threads,
     add_time_budget,
+    apply_shard,
     apply_threads,
     check_runtime,
     command_line,
@@ -59,6 +61,7 @@ def add_parsers(subparsers) -> None:
     add_threads(p)
     add_progress(p)
     add_time_budget(p, what="measurement")
+    add_shard(p)
     p.set_defaults(func=run)
 
 
@@ -105,18 +108,24 @@ def run(args: argparse.Namespace, clock=None) -> int:
     base, arch, _ = model_rope(args.model)  # the file's rope (metadata only): the trained length, the settings
     check_settings(settings, base.original_max_position_embeddings)
     out = Path(args.out)
+    shard = apply_shard(args)
     store = ResultStore(out / "results.json")
     text = load_text(args.text)
     runner = load(args)
     tokens = encode_text(runner.tokenizer, text)
     tuner = Tuner(runner, tokens, store, settings, model_name=str(args.model), text_sha256=text_sha256(text),
-                  show_progress=not args.no_progress, log=(lambda line: None) if args.json else log, budget=budget)
+                  show_progress=not args.no_progress, log=(lambda line: None) if args.json else log, budget=budget,
+                  shard=shard)
     try:
         result = tuner.tune()
     except BudgetSpent as stop:
         if args.json:
             print(json.dumps(budget_stop_summary(stop), indent=1))
         return print_budget_stop(stop, budget, what="measurements")
+    if result is None:  # a shard whose share is stored while other shards' candidates are still running
+        print(f"shard {shard}: its candidates are measured and stored in {out}/results.json; the summary comes from "
+              "the last shard to finish (or rerun the command without --shard once all have)", file=sys.stderr)
+        return 0
     summary = {"model": str(args.model), "command": command_line(), **result.as_dict()}
     deploy = deploy_base(settings.family, base, settings.target_length)
     summary["best"]["settings"] = dict(translate_all(result.best["method"], deploy, arch or "llama"))

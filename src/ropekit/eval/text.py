@@ -14,12 +14,27 @@ from ropekit.defaults import DEFAULT_TEXT_NAME, default_text_path
 def load_text(path: str | os.PathLike | None = None) -> str:
     """The text at ``path`` (default: the packaged book). Raises FileNotFoundError / ValueError."""
     path = Path(path) if path is not None else default_text_path()
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"text file not found: {path}")
+    if not path.is_file():  # a folder, a FIFO, a device such as /dev/zero (which would never end)
+        raise ValueError(f"--text {path} is not a regular file ({_kind(path)}); give a UTF-8 text file")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise ValueError(f"text file is empty: {path}")
     return text
+
+
+def _kind(path: Path) -> str:
+    """What a path that is not a regular file is, in a word or two."""
+    if path.is_dir():
+        return "a folder"
+    if path.is_fifo():
+        return "a pipe"
+    if path.is_char_device() or path.is_block_device():
+        return "a device"
+    if path.is_socket():
+        return "a socket"
+    return "not a plain file"
 
 
 def encode_text(tokenizer, text: str) -> torch.Tensor:

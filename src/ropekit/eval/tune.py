@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from ropekit.eval.longrope_search import evolve, format_factor, long_factors, lo
 from ropekit.eval.passkey import evaluate_passkey, passkey_prompt
 from ropekit.eval.perplexity import evaluate_perplexity
 from ropekit.eval.results import ResultStore
+from ropekit.eval.shard import Shard, mine
 from ropekit.eval.stats import wilson_interval
 from ropekit.eval.tune_grids import FAMILIES, GRIDS, order_candidates, plan_spec
 from ropekit.memory import check_fits, request_bytes
@@ -192,8 +193,11 @@ class Tuner:
 
     def __init__(self, runner, tokens: torch.Tensor, store: ResultStore, settings: TuneSettings, *,
                  model_name: str, text_sha256: str, show_progress: bool = True,
-                 log: Callable[[str], None] = print, budget: TimeBudget | None = None):
-        self.runner, self.tokens, self.store = runner, tokens, store
+                 log: Callable[[str], None] = print, budget: TimeBudget | None = None, shard: Shard | None = None):
+        if shard is not None and settings.family not in GRIDS:
+            raise ValueError(f"--shard: {settings.family}'s search is sequential (each step needs the last); shard "
+                             f"one of {', '.join(GRIDS)}, or run {settings.family} in one process")
+        self.runner, self.tokens, self.store, self.shard = runner, tokens, store, shard
         self.budget = budget
         self.finished: list[dict] = []  # the records this run measured or reused, in order
         self.settings = check_settings(settings, runner.trained_length)
@@ -223,12 +227,14 @@ class Tuner:
         seed = self.settings.seed + (HELD_OUT_SEED_OFFSET if split == "held-out" else 0)
         return {**cell, "depths": list(self.settings.depths), "trials": self.settings.trials, "seed": seed, "keys": 1}
 
-    def _stored(self, cell: dict, compute: Callable[[], dict]) -> dict:
+    def _stored(self, cell: dict, compute: Callable[[], dict], run: bool = True) -> dict | None:
         done = self.store.find(cell)
         if done is not None:
             self.reused += 1
             self.finished.append(done)
             return done
+        if not run:
+            return None
         if budget_spent(self.budget, self.run):
             raise BudgetSpent([_label(cell)], self.finished, self.budget.elapsed())  # tune() lists all that is left
         info = self.runner.use(cell["method"])
@@ -242,8 +248,9 @@ class Tuner:
     def _bar(self, passes: int, desc: str) -> Progress:
         return Progress(passes * self.runner.num_layers, desc, enabled=self.show_progress, unit="layers")
 
-    def perplexity(self, spec: str, split: str) -> dict:
-        """Perplexity of the ``split`` window ("calibration" or "held-out") with ``spec`` (a stored record)."""
+    def perplexity(self, spec: str, split: str, run: bool = True) -> dict | None:
+        """Perplexity of the ``split`` window ("calibration" or "held-out") with ``spec`` (a stored record; None
+        when it is not stored and ``run`` is False)."""
         begin, end = self.windows.calibration if split == "calibration" else self.windows.held_out
 
         def compute() -> dict:
@@ -251,10 +258,11 @@ class Tuner:
                 return evaluate_perplexity(self.runner, self.tokens[begin:end], end - begin, trained=self.trained,
                                            progress=bar)
 
-        return self._stored(self._cell("ppl", spec, split), compute)
+        return self._stored(self._cell("ppl", spec, split), compute, run)
 
-    def passkey(self, spec: str, split: str) -> dict:
-        """Passkey accuracy at the target length over the ``split`` passkey set (a stored record)."""
+    def passkey(self, spec: str, split: str, run: bool = True) -> dict | None:
+        """Passkey accuracy at the target length over the ``split`` passkey set (a stored record; None when it is
+        not stored and ``run`` is False)."""
         cell = self._cell("passkey", spec, split)
 
         def compute() -> dict:
@@ -273,16 +281,21 @@ class Tuner:
                     "accuracy_ci95": [round(low, 4), round(high, 4)], "per_depth": per_depth,
                     "seconds": round(time.perf_counter() - start, 2)}
 
-        return self._stored(cell, compute)
+        return self._stored(cell, compute, run)
 
-    def measure(self, spec: str, split: str) -> dict:
-        """The objective's numbers for ``spec`` on ``split``: perplexity and/or passkey fields, merged."""
+    def measure(self, spec: str, split: str, run: bool = True) -> dict | None:
+        """The objective's numbers for ``spec`` on ``split``: perplexity and/or passkey fields, merged; None when a
+        measurement is not stored and ``run`` is False (a candidate of another shard, not finished yet)."""
         out: dict[str, Any] = {}
         if self.settings.uses_ppl:
-            r = self.perplexity(spec, split)
+            r = self.perplexity(spec, split, run)
+            if r is None:
+                return None
             out |= {k: r[k] for k in ("ppl", "ppl_in_window", "ppl_beyond")} | {"seconds": r["seconds"]}
         if self.settings.uses_passkey:
-            r = self.passkey(spec, split)
+            r = self.passkey(spec, split, run)
+            if r is None:
+                return None
             out |= {k: r[k] for k in ("accuracy", "correct", "prompts", "accuracy_ci95")}
             out["seconds"] = round(out.get("seconds", 0.0) + r["seconds"], 2)
         return out
@@ -296,11 +309,13 @@ class Tuner:
 
     def search_left(self) -> list[str]:
         """Labels of the measurements a search stopped by the budget has not run: the calibration
-        measurements not stored (for ``longrope``, whose next candidates depend on the scores, one label per
-        candidate still to draw), then the held-out check of the best and the default."""
+        measurements not stored (with a shard: those of its own candidates; for ``longrope``, whose next
+        candidates depend on the scores, one label per candidate still to draw), then the held-out check of
+        the best and the default."""
         s = self.settings
         if s.family in GRIDS:
             specs = order_candidates(GRIDS[s.family](self.base, s.target_length), s.budget, s.seed)
+            specs = [spec for spec, ours in zip(specs, self._ours(specs), strict=True) if ours]  # this shard's
             left = [_label(c) for spec in specs for c in self._cells(spec, "calibration") if self.store.find(c) is None]
         else:
             started = list(dict.fromkeys(r["method"] for r in self.finished if r["split"] == "calibration"))
@@ -314,21 +329,40 @@ class Tuner:
 
     # -- the search ---------------------------------------------------------------------------------------------
 
-    def _evaluate(self, spec: str, index: int, measured: list[dict]) -> tuple:
-        metrics = self.measure(spec, "calibration")
+    def _evaluate(self, spec: str, index: int, measured: list[dict], run: bool = True) -> tuple | None:
+        metrics = self.measure(spec, "calibration", run)
+        if metrics is None:
+            self.log(f"  [{index}/{self.settings.budget}] {short_spec(spec):<62} (another shard's)")
+            return None
         measured.append({"method": spec, "calibration": metrics})
         key = rank_key(self.settings.objective, metrics)
         self.log(f"  [{index}/{self.settings.budget}] {short_spec(spec):<62} {describe(metrics)}")
         return key
 
-    def search(self) -> list[dict]:
-        """Every candidate measured on the calibration data, in evaluation order (``budget`` at most)."""
+    def _ours(self, candidates: Sequence[str]) -> list[bool]:
+        """Which of the grid's ``candidates`` this process's shard measures (all without a shard)."""
+        s = self.settings
+        return mine([self._cell(s.objective if s.objective != "both" else "passkey", spec, "calibration")
+                     for spec in candidates], self.shard)
+
+    def search(self) -> list[dict] | None:
+        """Every candidate measured on the calibration data, in evaluation order (``budget`` at most). With a shard:
+        this process measures its share of the grid's candidates (the others are read from the store), and the
+        result is None while another shard's candidates are not all stored yet."""
         s, measured = self.settings, []
         if s.family in GRIDS:
-            grid = GRIDS[s.family](self.base, s.target_length)
-            for i, spec in enumerate(order_candidates(grid, s.budget, s.seed), 1):
-                self._evaluate(spec, i, measured)
-            return measured
+            candidates = order_candidates(GRIDS[s.family](self.base, s.target_length), s.budget, s.seed)
+            ours = self._ours(candidates)
+            for i, (spec, run) in enumerate(zip(candidates, ours, strict=True), 1):
+                self._evaluate(spec, i, measured, run)
+            if len(measured) < len(candidates):
+                self.store.reload()  # the other shards may have finished meanwhile
+                found = {m["method"]: m for m in measured}
+                for spec in candidates:
+                    if spec not in found and (metrics := self.measure(spec, "calibration", run=False)) is not None:
+                        found[spec] = {"method": spec, "calibration": metrics}
+                measured = [found[spec] for spec in candidates if spec in found]
+            return measured if len(measured) == len(candidates) else None
         evolve(self.base, s.target_length, s.budget, s.seed,
                lambda factors: self._evaluate(longrope_spec(factors, self.base, s.target_length),
                                               len(measured) + 1, measured))
@@ -346,9 +380,10 @@ class Tuner:
         default["held_out"] = self.measure(default["method"], "held-out")
         self.log(f"  {short_spec(default['method']):<70} {describe(default['held_out'])}")
 
-    def tune(self) -> TuneResult:
+    def tune(self) -> TuneResult | None:
         """Search, rank, and measure the best and the default on the held-out data. The default (the plan's
-        spec) is always the first candidate measured."""
+        spec) is always the first candidate measured. None: a shard's candidates are measured and stored, other
+        shards' are not all finished (the last shard to finish, or a rerun without a shard, completes the run)."""
         s = self.settings
         self.log(f"tune {s.family} for {s.target_length} tokens (trained {self.trained}), objective {s.objective}, "
                  f"{s.budget} calibration evaluations; calibration tokens {self.windows.calibration[0]}-"
@@ -357,6 +392,8 @@ class Tuner:
             measured = self.search()
         except BudgetSpent:
             raise BudgetSpent(self.search_left(), self.finished, self.budget.elapsed()) from None
+        if measured is None:
+            return None
         order = sorted(range(len(measured)), key=lambda i: (rank_key(s.objective, measured[i]["calibration"]), i))
         ranked = [{**measured[i], "rank": r} for r, i in enumerate(order, 1)]
         default_spec = plan_spec(s.family, self.base, s.target_length)

@@ -148,18 +148,44 @@ def one_line(err: BaseException) -> str:
     return printable(text[0]) if text else type(err).__name__
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; ValueError for one too large for a float (``1e999`` would read as inf)."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]!r} is too large for a float")
+    return value
+
+
+def parse_json(raw: bytes | str, path: Path | str) -> Any:
+    """``raw`` (a JSON document read from ``path``) parsed; every parse failure becomes one ValueError naming the
+    file: invalid JSON, invalid UTF-8, nesting too deep for the parser, an integer of more digits than Python
+    converts, a number too large for a float."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, parse_float=_finite_float)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, too many digits, too deep
+        reason = "nested too deeply" if isinstance(err, RecursionError) else one_line(err)
+        raise ValueError(f"{path}: not valid JSON: {reason}") from None
+
+
+def read_json_file(path: Path, max_bytes: int | None = None) -> Any:
+    """The JSON document in ``path`` (a regular file, at most ``max_bytes`` long when given); ValueError naming the
+    file for anything else (see ``parse_json``)."""
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path}: not a regular file")
+    try:
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise fail(path, "size", Raw(f"{size} bytes"), f"at most {max_bytes} bytes for a JSON file")
+        raw = path.read_bytes()
+    except OSError as err:  # permissions, missing
+        raise ValueError(f"{path}: cannot read the file ({err.strerror or err})") from None
+    return parse_json(raw, path)
+
+
 def read_json_object(path: Path, max_bytes: int) -> dict[str, Any]:
     """A JSON file that must hold an object, at most ``max_bytes`` long; ValueError naming the file otherwise."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise fail(path, "size", Raw(f"{size} bytes"), f"at most {max_bytes} bytes for a JSON file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, too many digits
-        raise ValueError(f"{path}: not valid JSON: {one_line(err)}") from None
-    except OSError as err:  # permissions, a folder named like the file
-        raise ValueError(f"{path}: cannot read the file ({err.strerror or err})") from None
+    value = read_json_file(path, max_bytes)
     if not isinstance(value, dict):
         raise fail(path, "(the whole file)", _short_value(value), "must be a JSON object")
     return value
