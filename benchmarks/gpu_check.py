@@ -524,6 +524,16 @@ class LayerBench:
                       "peak_mib": peak, "peak_extra_mib": None if peak is None else round(peak - base / MIB, 1)}
 
 
+def fused_op_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The ``attention_lse`` backend the merge engine picks for these tensors ("cuda-varlen" where the torch
+    has ``varlen_attn``, else the masked ``torch`` fallback), or "unknown" without that op."""
+    try:
+        from ropekit.attention.fused import ATTENTION_LSE
+    except ImportError:
+        return "unknown"
+    return ATTENTION_LSE.select(q, k, v)
+
+
 def layer_rows(bench: LayerBench, T: int, rope, variants: list[tuple[str, Any]], has_backend: dict[str, bool]
                ) -> list[dict]:
     """Plain flash attention, each variant (automatic backend) and its chunked reference at T tokens."""
@@ -539,7 +549,7 @@ def layer_rows(bench: LayerBench, T: int, rope, variants: list[tuple[str, Any]],
     for spec, variant in variants:
         tables = variant.tables(rope, pos, pos)
         tables_ms = round(1e3 * timed(lambda variant=variant: variant.tables(rope, pos, pos), device), 2)
-        path = "fused" if has_backend[spec] else "chunked"  # without ``backend`` every path on CUDA is chunked
+        path = f"fused ({fused_op_backend(q, k, v)})" if has_backend[spec] else "chunked"
         timed_rows = [bench.row(spec, path, T, lambda variant=variant, tables=tables: variant.attend(q, k, v, tables))
                       | {"tables_ms": tables_ms}]
         name = f"{spec} backend=reference"
