@@ -7,6 +7,7 @@ attention part:
 - rope types (``none``/``default``, ``linear``, ``ntk``, ``dynamic``, ``yarn``, ``dynamic_yarn``,
   ``longrope``, ``llama3``, ``proportional``): e.g. ``yarn:factor=2``.
 - attention variants (``ropekit.attention.ATTENTION_VARIANTS``): ``self-extend:group=G,window=W``,
+  ``graded-self-extend:windows=[W0,W1,...],groups=[G0,G1,...]`` (one group per band of distances),
   ``rerope:window=w[,logn=true]``, ``leaky-rerope:window=w,k=K[,logn=true]`` (all accept
   ``chunk=N``, queries per block), ``dca[:chunk=S,local=W]`` (Dual Chunk Attention: S the chunk size,
   W the local window, defaults from the trained length L: S = 3L/4, W = L/8; ``block=N`` queries

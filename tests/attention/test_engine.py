@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from ropekit.attention import DualChunk, ReRope, SelfExtend
+from ropekit.attention import DualChunk, GradedSelfExtend, ReRope, SelfExtend
 from ropekit.attention.engine import Band, ChunkApart, RowGroup, consecutive_rows, part_tiles
 from ropekit.attention.fused import (
     ATTENTION_LSE,
@@ -36,6 +36,7 @@ VARIANTS = {
     "leaky-rerope-logn": lambda: ReRope(window=4, leak=3.0, logn=True, chunk_size=64),
     "dca": lambda: DualChunk(chunk=10, local=3, block=6),
     "dca-short-chunks": lambda: DualChunk(chunk=5, local=4, block=3),
+    "graded-self-extend": lambda: GradedSelfExtend(windows=(4, 9, 21), groups=(2, 3, 5), chunk_size=6),
 }
 # (new queries T, cached keys before them, left padding per row, query heads, KV heads)
 CASES = {

@@ -21,10 +21,10 @@ from ropekit.attention.engine import Band, ChunkApart, Part, fused_parts_attenti
 from ropekit.attention.registry import ATTENTION_VARIANTS, AttentionVariantType, build_variant
 from ropekit.attention.remap import PartsVariant, RemappedVariant
 from ropekit.attention.rerope import ReRope
-from ropekit.attention.self_extend import SelfExtend
+from ropekit.attention.self_extend import GradedSelfExtend, SelfExtend
 
 __all__ = [
     "ATTENTION_VARIANTS", "AttentionVariant", "AttentionVariantType", "Band", "ChunkApart", "ConsistentDynamic",
-    "DualChunk", "Part", "PartsVariant", "ReRope", "RemappedVariant", "SelfExtend", "build_variant",
+    "DualChunk", "GradedSelfExtend", "Part", "PartsVariant", "ReRope", "RemappedVariant", "SelfExtend", "build_variant",
     "causal_by_slot", "current_length", "fused_parts_attention", "reference_parts_attention", "sdpa",
 ]

@@ -16,8 +16,8 @@ from ropekit.attention.consistent_dynamic import ConsistentDynamic
 from ropekit.attention.dca import DualChunk, dca_sizes
 from ropekit.attention.remap import DEFAULT_CHUNK
 from ropekit.attention.rerope import ReRope
-from ropekit.attention.self_extend import SelfExtend
-from ropekit.rope.params import Flag, Number, Params
+from ropekit.attention.self_extend import GradedSelfExtend, SelfExtend, check_graded
+from ropekit.rope.params import CountList, Flag, Number, Params
 from ropekit.rope.registry import Registry
 
 COUNT = Number(low=1, integer=True)
@@ -45,6 +45,27 @@ class SelfExtendParams(VariantParams):
     NAME: ClassVar[str] = "self-extend"
     WHAT: ClassVar[str] = "self-extend key"
     KEYS: ClassVar[dict[str, Any]] = {"group": COUNT, "window": COUNT, "chunk": COUNT}
+
+
+@dataclass(frozen=True)
+class GradedSelfExtendParams(VariantParams):
+    """Band starts ``windows`` (strictly increasing) and one group size per band ``groups``: distances
+    below ``windows[0]`` exact, those in ``[windows[k], windows[k+1])`` grouped by ``groups[k]``;
+    ``chunk``: queries per block."""
+
+    windows: tuple[int, ...] = (1024, 4096)
+    groups: tuple[int, ...] = (4, 16)
+    chunk: int = DEFAULT_CHUNK
+
+    NAME: ClassVar[str] = "graded-self-extend"
+    WHAT: ClassVar[str] = "graded-self-extend key"
+    KEYS: ClassVar[dict[str, Any]] = {"windows": CountList(increasing=True), "groups": CountList(), "chunk": COUNT}
+
+    @classmethod
+    def parse(cls, raw: Mapping, context: dict | None = None) -> GradedSelfExtendParams:
+        params = cls(**cls.check_keys(cls.NAME, raw, unknown="error"))
+        check_graded(params.windows, params.groups)
+        return params
 
 
 @dataclass(frozen=True)
@@ -118,6 +139,10 @@ ATTENTION_VARIANTS: Registry[AttentionVariantType] = Registry("attention variant
 ATTENTION_VARIANTS.register(AttentionVariantType(
     "self-extend", SelfExtendParams, lambda p: SelfExtend(p.group, p.window, p.chunk),
     source="Self-Extend (Jin et al. 2024, arXiv 2401.01325), Sec. 3"), aliases=("self_extend", "selfextend"))
+ATTENTION_VARIANTS.register(AttentionVariantType(
+    "graded-self-extend", GradedSelfExtendParams, lambda p: GradedSelfExtend(p.windows, p.groups, p.chunk),
+    source="Self-Extend (Jin et al. 2024, arXiv 2401.01325) with one group size per band of distances"),
+    aliases=("graded_self_extend",))
 ATTENTION_VARIANTS.register(AttentionVariantType(
     "rerope", ReRopeParams, lambda p: ReRope(p.window, None, p.logn, p.chunk),
     source="ReRoPE (Su 2023, kexue.fm/archives/9708)"))

@@ -86,6 +86,23 @@ class FactorList:
         return tuple(check_number(f"{key}[{i}]", v, low=0.0, low_open=True, what=what) for i, v in enumerate(value))
 
 
+@dataclass(frozen=True)
+class CountList:
+    """Rule: a list of 1 to ``most`` integers >= 1, strictly increasing when ``increasing``."""
+
+    increasing: bool = False
+    most: int = 8
+
+    def check(self, key: str, value: Any, what: str = "rope key") -> tuple[int, ...]:
+        order = "strictly increasing " if self.increasing else ""
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= self.most:
+            raise ValueError(f"{what} {key!r} must be a list of 1 to {self.most} {order}integers >= 1, got {value!r}")
+        counts = tuple(check_number(f"{key}[{i}]", v, low=1, integer=True, what=what) for i, v in enumerate(value))
+        if self.increasing and any(b <= a for a, b in zip(counts[:-1], counts[1:], strict=True)):
+            raise ValueError(f"{what} {key!r} must be strictly increasing, got {list(counts)}")
+        return counts
+
+
 # Bounds far past any real model (factors of 4-128, lengths up to 10M tokens), low enough that every
 # derived quantity (an NTK base b * s^(d/(d-2)), an angle p * theta) stays a finite float64.
 MAX_FACTOR = 2.0**20
