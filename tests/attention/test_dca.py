@@ -50,11 +50,12 @@ def rotate_at(x: torch.Tensor, position: int, inv_freq: torch.Tensor, layout: st
 
 
 def reference(q, k, v, q_pos, k_pos, allowed, chunk: int, local: int, rope, *, scale=None, softcap=None,
-              layout="half") -> torch.Tensor:
+              layout="half", frequencies=None) -> torch.Tensor:
     """DCA pair by pair in float64. q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]``, q_pos ``[B, T]``, k_pos
-    ``[B, S]``, allowed ``[B, T, S]`` bool."""
+    ``[B, S]``, allowed ``[B, T, S]`` bool. ``frequencies``: (inv_freq, attention factor) from elsewhere
+    (the factor multiplies both rotated vectors), else the plain rope's."""
     CL = chunk - local
-    inv_freq, _ = rope.frequencies()
+    inv_freq, factor = frequencies or (rope.frequencies()[0], 1.0)
     q, k, v = q.double(), k.double(), v.double()
     Bq, Hq, T, _ = q.shape
     g = Hq // k.shape[1]
@@ -77,7 +78,7 @@ def reference(q, k, v, q_pos, k_pos, allowed, chunk: int, local: int, rope, *, s
                     else:
                         qp = min(2 * CL - 1, chunk)
                     score = rotate_at(q[b, h, t], qp, inv_freq, layout) @ rotate_at(k[b, h // g, s], j % CL, inv_freq,
-                                                                                     layout) * scale
+                                                                                     layout) * scale * factor**2
                     scores[s] = softcap * math.tanh(score / softcap) if softcap else score
                 out[b, h, t] = torch.softmax(scores, 0) @ v[b, h // g]
     return out
@@ -115,6 +116,25 @@ def test_fast_cpu_prefill_path_equals_the_reference(chunk, local, T, start):
     out = run(DualChunk(chunk, local), q, k, v, q_pos, k_pos, rope)
     expected = reference(q, k, v, q_pos, k_pos, allowed, chunk, local, rope)
     torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=0)  # float32 attention, ~1e-7 each step
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_yarn_frequencies_and_attention_factor_equal_the_reference(dtype):
+    """``yarn:factor=4+dca``: DCA's positions turned by YaRN's frequencies, q and k scaled by YaRN's
+    attention factor; the reference takes both from transformers (float64: reference path, float32: fused)."""
+    from rope_reference import transformers_inv_freq
+
+    parameters = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+    rope = RotaryEmbedding(RopeConfig(head_dim=D, rope_theta=10000.0, max_position_embeddings=128).with_rope_type(
+        parameters))
+    inv_freq, factor = transformers_inv_freq({"head_dim": D, "max_position_embeddings": 128,
+                                              "rope_parameters": parameters})
+    assert factor > 1.1  # YaRN's 0.1 ln(4) + 1: the factor is exercised
+    q, k, v = qkv(41, dtype=dtype, seed=7)
+    q_pos, k_pos, allowed = causal(41)
+    out = run(DualChunk(10, 3, block=6), q, k, v, q_pos, k_pos, rope)
+    expected = reference(q, k, v, q_pos, k_pos, allowed, 10, 3, rope, frequencies=(inv_freq, factor))
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=0)  # float32 tables (and attention)
 
 
 def test_fast_path_is_taken_and_equals_the_general_path(monkeypatch):
