@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ropekit.attention.engine import merge_into
+from ropekit.attention.fused import ATTENTION_LSE, attention_lse
 from ropekit.rope import RotaryEmbedding
 
 
@@ -107,6 +109,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]`` with H a multiple of Hkv; mask ``[B, 1, T, S]`` bool or
     None (causal by slot: one query sees every key; T == S is the usual causal prefill);
     ``softcap``: scores capped as ``c * tanh(s / c)`` (then the capped path runs instead of SDPA).
+    Several new queries on a cache (``1 < T < S``, mask None) run as ``cached_causal_attention`` where a
+    fused ``attention_lse`` backend applies: no ``[T, S]`` mask and no copy of the keys per query head.
     """
     B, H, T, D = q.shape
     S, groups = k.shape[2], H // k.shape[1]
@@ -119,6 +123,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         # instead of copying K and V `groups` times (that copy grows with the cache, every step).
         grouped = q.reshape(B, k.shape[1], groups * T, D)  # [B, H, 1, D] -> [B, Hkv, G, D]
         return F.scaled_dot_product_attention(grouped, k, v, scale=scale).view(B, H, T, -1)
+    if mask is None and 1 < T < S and ATTENTION_LSE.select(q, k, v, window=(-1, 0), scale=scale) != "torch":
+        return cached_causal_attention(q, k, v, scale)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # [B, Hkv, S, D] -> [B, H, S, D]
         v = v.repeat_interleave(groups, dim=1)
@@ -127,3 +133,25 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     if mask is None and T > 1:
         mask = causal_by_slot(T, S, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def cached_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            scale: float | None = None) -> torch.Tensor:
+    """T new queries on a cache, causal by slot, as two fused rectangles merged by log-sum-exp.
+
+    q ``[B, H, T, D]``, k/v ``[B, Hkv, S, D]`` with ``1 <= T <= S`` (query t in slot ``S - T + t``), H a
+    multiple of Hkv -> ``[B, H, T, Dv]`` in q's dtype. Every query sees all ``S - T`` cached keys (a full
+    rectangle) and the new keys up to its own (a causal square); both run through the ``attention_lse``
+    op (``ropekit.attention.fused``) and merge exactly, so no ``[T, S]`` mask is built and the keys are
+    not copied per query head. This is the chunked-prefill and shared-prefix shape of a passkey trial,
+    where SDPA with an explicit mask computes the masked half of the scores as well.
+    """
+    T, S = q.shape[2], k.shape[2]
+    past = S - T
+    parts = [attention_lse(q, k[:, :, past:], v[:, :, past:], window=(-1, 0), scale=scale)]
+    if past > 0:
+        parts.append(attention_lse(q, k[:, :, :past], v[:, :, :past], window=(-1, -1), scale=scale))
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    merge_into(out, lse, parts, fresh=True)
+    return out.to(q.dtype)
