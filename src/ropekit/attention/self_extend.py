@@ -77,6 +77,7 @@ class GradedSelfExtend(PartsVariant):
                  chunk_size: int = DEFAULT_CHUNK):
         self.windows, self.groups = tuple(int(w) for w in windows), tuple(int(g) for g in groups)
         check_graded(self.windows, self.groups)
+        self.shifts = graded_shifts(self.windows, self.groups)  # the query shift of each band, fixed
         self.block = int(chunk_size)
 
     def parts(self, rope: RotaryEmbedding, q_pos: torch.Tensor, k_pos: torch.Tensor, inv_freq: torch.Tensor,
@@ -86,8 +87,7 @@ class GradedSelfExtend(PartsVariant):
         q_safe, k_safe = q_pos.clamp(min=0), k_pos.clamp(min=0)  # padding is masked; any rotation will do
         out = [Part(rope_cos_sin(inv_freq, q_safe, factor), rope_cos_sin(inv_freq, k_safe, factor),
                     Band(None, self.windows[0] - 1))]
-        shifts = graded_shifts(self.windows, self.groups)
-        for k, (start, G, shift) in enumerate(zip(self.windows, self.groups, shifts, strict=True)):
+        for k, (start, G, shift) in enumerate(zip(self.windows, self.groups, self.shifts, strict=True)):
             end = self.windows[k + 1] - 1 if k + 1 < len(self.windows) else None
             out.append(Part(rope_cos_sin(inv_freq, q_safe // G + shift, factor), rope_cos_sin(inv_freq, k_safe // G,
                                                                                                 factor),
