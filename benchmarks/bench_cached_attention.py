@@ -53,12 +53,13 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
+def median_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int) -> float:
+    """Median milliseconds of ``sdpa(q, k, v)`` over ``repeats`` calls after one warm-up call."""
+    sdpa(q, k, v)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        sdpa(q, k, v)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
@@ -78,9 +79,9 @@ def run(shapes: list[tuple[int, int]], repeats: int, threads: int) -> dict:
         for T, S in shapes:
             q = torch.randn(1, HEADS, T, HEAD_DIM).to(dtype)
             k, v = torch.randn(1, KV_HEADS, S, HEAD_DIM).to(dtype), torch.randn(1, KV_HEADS, S, HEAD_DIM).to(dtype)
-            fused = median_ms(lambda: sdpa(q, k, v), repeats)
+            fused = median_ms(q, k, v, repeats)
             with use_backend("torch", "attention_lse"):
-                masked = median_ms(lambda: sdpa(q, k, v), repeats)
+                masked = median_ms(q, k, v, repeats)
             gflops = 4 * HEADS * HEAD_DIM * causal_pairs(T, S) / 1e9
             rows.append({"dtype": name, "T": T, "S": S, "fused_ms": fused, "masked_ms": masked,
                          "x_masked": masked / fused, "fused_gflops": gflops / fused * 1e3,
@@ -96,7 +97,8 @@ def print_table(report: dict) -> None:
           + ", ".join(f"{k} {v:.0f}" for k, v in report["matmul_peak_gflops"].items()))
     if report["busy_warning"]:
         print("warning:", report["busy_warning"])
-    print(f"{'dtype':5} {'T':>6} {'S':>6} {'fused ms':>10} {'masked ms':>10} {'x masked':>9} {'GFLOP/s':>8} {'% peak':>7}")
+    print(f"{'dtype':5} {'T':>6} {'S':>6} {'fused ms':>10} {'masked ms':>10} {'x masked':>9} "
+          f"{'GFLOP/s':>8} {'% peak':>7}")
     for r in report["rows"]:
         print(f"{r['dtype']:5} {r['T']:>6} {r['S']:>6} {r['fused_ms']:>10.1f} {r['masked_ms']:>10.1f} "
               f"{r['x_masked']:>9.2f} {r['fused_gflops']:>8.1f} {r['fused_pct_peak']:>6.0f}%")
